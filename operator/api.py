@@ -1,0 +1,396 @@
+"""The ModelDeployment API (group modelship.dev, version v1alpha1).
+
+These pydantic models are the single source of truth: `crds/modeldeployments.modelship.dev.yaml`
+is generated from them (`modelship crd`), and a test fails when the two drift. Field
+descriptions become `kubectl explain` text; `x-kubernetes-validations` carry the cross-field
+rules the API server enforces (CEL); the same rules are enforced here for offline use.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .engine import PLANNED_FLAGS
+from .source import URI_PATTERN, ModelSource, SourceError, parse_source
+
+GROUP = "modelship.dev"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ["md"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Quantization = Literal[
+    "auto", "fp32", "fp16", "bf16", "fp8", "int8", "int8-gptq", "int4-awq", "int4-gptq"
+]
+QUANTIZATIONS: tuple[str, ...] = Quantization.__args__  # type: ignore[attr-defined]
+KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+AcceleratorFamily = Literal["auto", "nvidia", "inferentia", "trainium"]
+CapacityType = Literal["on-demand", "spot"]
+
+_PARAMS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT]?)\s*$")
+_PARAM_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+class SpecError(ValueError):
+    """A ModelDeployment that cannot be served as written: `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def parse_parameter_count(value: str | int, field: str = "spec.model.parameters") -> int:
+    """'8B' -> 8_000_000_000, '70.6B' -> 70_600_000_000, 1500000 -> 1500000."""
+    if isinstance(value, bool):
+        raise SpecError(field, f"{value!r} is not a parameter count; write e.g. 8B, 70.6B or 7000000000.")
+    if isinstance(value, int):
+        count = value
+    else:
+        match = _PARAMS.match(str(value))
+        if not match:
+            raise SpecError(
+                field, f"{value!r} is not a parameter count; write e.g. 8B, 70.6B, 350M or 7000000000."
+            )
+        count = round(float(match.group(1)) * _PARAM_SCALE[match.group(2).lower()])
+    if count <= 0:
+        raise SpecError(field, f"{value!r} must be a positive parameter count.")
+    return count
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The camelCase dict as it appears in Kubernetes objects."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Architecture(_Model):
+    """Architecture facts that override (or stand in for) the model's config.json."""
+
+    num_layers: int | None = Field(None, ge=1, description="Transformer layers (num_hidden_layers).")
+    hidden_size: int | None = Field(None, ge=1, description="Hidden size (d_model).")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP intermediate size.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Attention (query) heads.")
+    num_key_value_heads: int | None = Field(
+        None, ge=1, description="Key/value heads (GQA); equal to the attention heads for MHA."
+    )
+    head_dim: int | None = Field(None, ge=1, description="Dimension of one attention head.")
+    vocab_size: int | None = Field(None, ge=1, description="Vocabulary size.")
+    max_position_embeddings: int | None = Field(
+        None, ge=1, description="Longest context the model was trained for."
+    )
+    sliding_window: int | None = Field(
+        None, ge=1, description="Sliding-window attention span in tokens, if the model uses one."
+    )
+    num_experts: int | None = Field(None, ge=1, description="Routed experts per MoE layer.")
+    num_experts_per_token: int | None = Field(None, ge=1, description="Experts used per token.")
+    kv_lora_rank: int | None = Field(
+        None, ge=1, description="MLA latent KV rank (DeepSeek-V2/V3 style attention)."
+    )
+    qk_rope_head_dim: int | None = Field(None, ge=1, description="MLA rotary head dimension.")
+
+
+class ModelSpec(_Model):
+    uri: str = Field(
+        ...,
+        pattern=URI_PATTERN,
+        description=(
+            "Where the model package lives: s3://bucket/prefix, fsx://<pvc>/<path>, "
+            "efs://<pvc>/<path>, or file:///dir for local use."
+        ),
+    )
+    name: str | None = Field(
+        None,
+        max_length=253,
+        description="Model name served on the OpenAI API; defaults to the ModelDeployment's name.",
+    )
+    parameters: int | str | None = Field(
+        None,
+        description=(
+            "Parameter count ('8B', '70.6B', '350M' or an integer). Read from the safetensors "
+            "headers when omitted; required when the package has no safetensors."
+        ),
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    quantization: Quantization = Field(
+        "auto",
+        description=(
+            "Weight format served: auto (as the checkpoint is), fp32, fp16, bf16, fp8 (a 16-bit "
+            "checkpoint is quantized on load), int8, int8-gptq, int4-awq or int4-gptq (the "
+            "checkpoint must already be quantized that way)."
+        ),
+    )
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate (chat/completions) or embed (embeddings)."
+    )
+    trust_pickle: bool = Field(
+        False,
+        description=(
+            "Allow pickle weight formats (.bin, .pt). Off by default: only safetensors are "
+            "fetched and loaded, since pickle files can run code."
+        ),
+    )
+    copy_to_local_disk: bool | None = Field(
+        None,
+        description=(
+            "For fsx:// and efs:// sources: copy the model to the node's local disk before "
+            "serving. Default: yes for EFS (slow random reads), no for FSx for Lustre."
+        ),
+    )
+    architecture: Architecture | None = Field(
+        None, description="Architecture facts that override the model's config.json."
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_parameters(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_parameter_count(value)
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        try:
+            parse_source(value)
+        except SourceError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @property
+    def source(self) -> ModelSource:
+        return parse_source(self.uri)
+
+    @property
+    def parameter_count(self) -> int | None:
+        return None if self.parameters is None else parse_parameter_count(self.parameters)
+
+
+class Sampling(_Model):
+    """Generation defaults for requests that leave them out (passed to vLLM)."""
+
+    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling probability mass.")
+    top_k: int | None = Field(None, ge=-1, description="Top-k sampling; -1 disables it.")
+    max_tokens: int | None = Field(None, ge=1, description="Default maximum new tokens.")
+
+    def engine_defaults(self) -> dict[str, float | int]:
+        """The keys vLLM reads from --override-generation-config."""
+        mapping = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_tokens,
+        }
+        return {key: value for key, value in mapping.items() if value is not None}
+
+
+class ServingSpec(_Model):
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Longest sequence (prompt + output) served, in tokens. Default: the model's "
+            "max_position_embeddings, capped at 8192."
+        ),
+    )
+    concurrency: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description=(
+            "Sequences served at once at full context per replica; the plan reserves KV cache for "
+            "maxModelLen x concurrency tokens."
+        ),
+    )
+    kv_cache_dtype: KvCacheDtype = Field(
+        "auto", description="KV-cache element type: auto (the model's dtype) or an fp8 variant."
+    )
+    gpu_memory_utilization: float = Field(
+        0.90,
+        gt=0.3,
+        le=0.98,
+        description="Fraction of each GPU's memory vLLM may use (weights, activations, KV cache).",
+    )
+    sampling: Sampling | None = Field(None, description="Generation defaults (see Sampling).")
+    engine_args: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Extra vLLM arguments, e.g. ['--enable-prefix-caching']. Flags the plan sets "
+            "(parallelism, lengths, dtype, quantization, port) are not allowed here."
+        ),
+    )
+    image: str | None = Field(
+        None, description="Runtime image override (default: the operator's configured image)."
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_planned_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            name = arg.split("=", 1)[0]
+            if name in PLANNED_FLAGS:
+                raise ValueError(
+                    f"{name} is set by the plan; use the matching spec field instead "
+                    "(spec.serving.maxModelLen, spec.serving.concurrency, spec.model.quantization, "
+                    "spec.serving.kvCacheDtype, spec.accelerator.*) or remove it."
+                )
+        return args
+
+
+class AcceleratorSpec(_Model):
+    family: AcceleratorFamily = Field(
+        "auto", description="auto (cheapest that fits), nvidia, inferentia or trainium."
+    )
+    instance_types: list[str] = Field(
+        default_factory=list,
+        description="Allowed EC2 instance types; shell patterns such as 'g6e.*' are accepted.",
+    )
+    exclude_instance_types: list[str] = Field(
+        default_factory=list, description="Instance types (or patterns) never to use."
+    )
+    max_accelerators: int | None = Field(
+        None, ge=1, description="Most accelerators (GPUs or Neuron chips) one replica may use."
+    )
+    max_cost_per_hour: float | None = Field(
+        None, gt=0, description="Most on-demand USD per hour one replica may cost."
+    )
+    capacity_type: CapacityType = Field("on-demand", description="on-demand or spot capacity.")
+
+
+class ReplicasSpec(_Model):
+    min: int = Field(
+        1, ge=0, description="Fewest replicas; 0 lets the autoscaler scale to zero when idle."
+    )
+    max: int | None = Field(None, ge=1, description="Most replicas; defaults to min (no autoscaling).")
+    target_queue_length: int = Field(
+        4,
+        ge=1,
+        description="Waiting requests per replica (vllm:num_requests_waiting) that trigger a scale-up.",
+    )
+
+
+class ModelDeploymentSpec(_Model):
+    model: ModelSpec = Field(..., description="What to serve and where its weights are.")
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Context length, concurrency and engine settings."
+    )
+    accelerator: AcceleratorSpec = Field(
+        default_factory=AcceleratorSpec, description="Constraints on the hardware the plan may pick."
+    )
+    replicas: ReplicasSpec = Field(
+        default_factory=ReplicasSpec, description="Replica bounds for the autoscaler."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ModelDeploymentSpec:
+        if self.replicas.max is not None and self.replicas.max < max(self.replicas.min, 1):
+            raise ValueError(
+                "replicas.max must be at least replicas.min (and at least 1); raise replicas.max "
+                "or lower replicas.min."
+            )
+        return self
+
+
+# CEL rules the API server enforces on the spec (the pydantic validators above say the same).
+SPEC_CEL_RULES = [
+    {
+        "rule": "!has(self.replicas) || !has(self.replicas.max) || self.replicas.max >= self.replicas.min",
+        "message": "spec.replicas.max must be at least spec.replicas.min",
+        "fieldPath": ".replicas.max",
+    },
+    {
+        "rule": (
+            "!has(self.model.copyToLocalDisk) || self.model.uri.startsWith('fsx://') "
+            "|| self.model.uri.startsWith('efs://')"
+        ),
+        "message": "spec.model.copyToLocalDisk applies only to fsx:// and efs:// sources",
+        "fieldPath": ".model.copyToLocalDisk",
+    },
+]
+
+
+class Condition(_Model):
+    type: str = Field(..., description="Validated, Planned, CapacityReady, Available or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="One CamelCase word for machines.")
+    message: str = Field("", description="What happened, for people.")
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The generation this condition saw.")
+
+
+class PlanSummary(_Model):
+    instance_type: str = Field(..., description="EC2 instance type of each node.")
+    accelerator_type: str = Field(..., description="Accelerator model, e.g. NVIDIA L40S.")
+    accelerator_count: int = Field(..., description="Accelerators per replica.")
+    tensor_parallel_size: int = Field(..., description="Tensor-parallel degree.")
+    pipeline_parallel_size: int = Field(..., description="Pipeline stages (nodes) per replica.")
+    nodes: int = Field(..., description="Nodes per replica.")
+    kv_cache_tokens: int = Field(..., description="Predicted KV-cache capacity in tokens.")
+    max_concurrent_sequences: int = Field(
+        ..., description="Predicted sequences at full context that fit in the KV cache."
+    )
+    cost_per_hour_usd: str | None = Field(
+        None, description="On-demand cost of one replica, USD per hour (decimal string)."
+    )
+    node_pool: str | None = Field(None, description="The node pool the replicas run on.")
+
+
+class ModelDeploymentStatus(_Model):
+    observed_generation: int | None = Field(None, description="The spec generation last acted on.")
+    phase: str | None = Field(
+        None,
+        description=(
+            "Pending, NodeProvisioning, Scheduling, WeightsLoading, Compiling, Ready, Degraded "
+            "or Failed."
+        ),
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes conditions.")
+    plan: PlanSummary | None = Field(None, description="The chosen placement.")
+    replicas: int | None = Field(None, description="Desired replicas.")
+    ready_replicas: int | None = Field(None, description="Replicas serving requests.")
+    selector: str | None = Field(None, description="Label selector of the replicas (scale subresource).")
+    endpoint: str | None = Field(None, description="In-cluster OpenAI-compatible base URL.")
+    message: str | None = Field(None, description="What is happening, for people.")
+
+
+def load_spec(spec: dict[str, Any], field_prefix: str = "spec") -> ModelDeploymentSpec:
+    """Validate a spec dict, turning pydantic's errors into one SpecError naming the field."""
+    try:
+        return ModelDeploymentSpec.model_validate(spec)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"] if part != "__root__")
+        field = f"{field_prefix}.{location}" if location else field_prefix
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field; check its spelling against `kubectl explain modeldeployment.spec`"
+        elif first["type"] == "missing":
+            message = "is required"
+        elif first["type"] == "literal_error":
+            message = f"{first.get('input')!r} is not allowed; {message.lower()}"
+        raise SpecError(field, message) from None
+
+
+def load_manifest(document: dict[str, Any]) -> tuple[str, ModelDeploymentSpec]:
+    """Validate a whole ModelDeployment object; returns (name, spec)."""
+    if not isinstance(document, dict):
+        raise SpecError("(document)", "is not a YAML mapping; give a ModelDeployment object.")
+    if document.get("kind") != KIND:
+        raise SpecError("kind", f"is {document.get('kind')!r}; expected {KIND}.")
+    if document.get("apiVersion") != API_VERSION:
+        raise SpecError("apiVersion", f"is {document.get('apiVersion')!r}; expected {API_VERSION}.")
+    name = (document.get("metadata") or {}).get("name")
+    if not name:
+        raise SpecError("metadata.name", "is required.")
+    return str(name), load_spec(document.get("spec") or {})
