@@ -1,0 +1,86 @@
+"""Operator configuration: environment variables (set from the Helm chart's ConfigMap), validated
+once at start-up so that a bad value stops the operator with a clear message instead of
+surfacing later in a reconcile."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+NodePoolMode = Literal["karpenter", "eks-nodegroup", "none"]
+AutoscalerMode = Literal["keda", "hpa", "none"]
+
+ENV_PREFIX = "MODELSHIP_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class OperatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node_pool_mode: NodePoolMode = Field(
+        "karpenter",
+        description="karpenter (NodePool + EC2NodeClass), eks-nodegroup (boto3) or none.",
+    )
+    autoscaler: AutoscalerMode = Field("keda", description="keda, hpa or none.")
+    runtime_image: str = Field(
+        "ghcr.io/modelship/runtime:0.1.0", description="Runtime image for NVIDIA GPUs."
+    )
+    neuron_runtime_image: str = Field(
+        "ghcr.io/modelship/runtime-neuron:0.1.0",
+        description="Runtime image for Inferentia2 and Trainium.",
+    )
+    catalog_path: str | None = Field(
+        None, description="Accelerator catalog override (YAML), e.g. a mounted ConfigMap."
+    )
+    cluster_name: str = Field("", description="EKS cluster name (Karpenter discovery, node groups).")
+    node_role: str = Field(
+        "", description="IAM role of the nodes (EC2NodeClass role, node group nodeRole ARN)."
+    )
+    subnet_ids: tuple[str, ...] = Field(
+        (), description="Subnets for EKS managed node groups (eks-nodegroup mode)."
+    )
+    node_class_name: str = Field(
+        "", description="Use this existing EC2NodeClass instead of rendering one per pool."
+    )
+    service_account: str = Field(
+        "modelship-runtime",
+        description="Service account of runtime pods; IRSA / Pod Identity grants it S3 read.",
+    )
+    pod_monitor: bool = Field(True, description="Render a PodMonitor (prometheus-operator).")
+    namespaces: tuple[str, ...] = Field((), description="Namespaces to watch; empty means all.")
+    aws_region: str = Field("us-east-1", description="Region for the EKS API (node groups).")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint override for S3-compatible stores."
+    )
+    neuron_cache_uri: str | None = Field(
+        None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
+    )
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+_LIST_FIELDS = {"subnet_ids", "namespaces"}
+
+
+def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """Read MODELSHIP_* variables; raise ConfigError naming the variable and the fix."""
+    env = os.environ if env is None else env
+    raw: dict[str, object] = {}
+    for name in OperatorConfig.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in env and env[key] != "":
+            raw[name] = _split(env[key]) if name in _LIST_FIELDS else env[key]
+    try:
+        return OperatorConfig.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ENV_PREFIX + str(first["loc"][0]).upper()
+        raise ConfigError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
