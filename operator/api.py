@@ -26,7 +26,7 @@ SHORT_NAMES = ["md"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 Quantization = Literal[
-    "auto", "fp32", "fp16", "bf16", "fp8", "int8", "int8-gptq", "int4-awq", "int4-gptq"
+    "auto", "fp32", "fp16", "bf16", "fp8", "int8", "int8-gptq", "int4", "int4-awq", "int4-gptq"
 ]
 QUANTIZATIONS: tuple[str, ...] = Quantization.__args__  # type: ignore[attr-defined]
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -126,8 +126,8 @@ class ModelSpec(_Model):
         "auto",
         description=(
             "Weight format served: auto (as the checkpoint is), fp32, fp16, bf16, fp8 (a 16-bit "
-            "checkpoint is quantized on load), int8, int8-gptq, int4-awq or int4-gptq (the "
-            "checkpoint must already be quantized that way)."
+            "checkpoint is quantized on load), int8, int8-gptq, int4 (AWQ or GPTQ), int4-awq or "
+            "int4-gptq (the checkpoint must already be quantized that way)."
         ),
     )
     task: Literal["generate", "embed"] = Field(
