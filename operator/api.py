@@ -49,14 +49,17 @@ class SpecError(ValueError):
 def parse_parameter_count(value: str | int, field: str = "spec.model.parameters") -> int:
     """'8B' -> 8_000_000_000, '70.6B' -> 70_600_000_000, 1500000 -> 1500000."""
     if isinstance(value, bool):
-        raise SpecError(field, f"{value!r} is not a parameter count; write e.g. 8B, 70.6B or 7000000000.")
+        raise SpecError(
+            field, f"{value!r} is not a parameter count; write e.g. 8B, 70.6B or 7000000000."
+        )
     if isinstance(value, int):
         count = value
     else:
         match = _PARAMS.match(str(value))
         if not match:
             raise SpecError(
-                field, f"{value!r} is not a parameter count; write e.g. 8B, 70.6B, 350M or 7000000000."
+                field,
+                f"{value!r} is not a parameter count; write e.g. 8B, 70.6B, 350M or 7000000000.",
             )
         count = round(float(match.group(1)) * _PARAM_SCALE[match.group(2).lower()])
     if count <= 0:
@@ -77,7 +80,9 @@ class _Model(BaseModel):
 class Architecture(_Model):
     """Architecture facts that override (or stand in for) the model's config.json."""
 
-    num_layers: int | None = Field(None, ge=1, description="Transformer layers (num_hidden_layers).")
+    num_layers: int | None = Field(
+        None, ge=1, description="Transformer layers (num_hidden_layers)."
+    )
     hidden_size: int | None = Field(None, ge=1, description="Hidden size (d_model).")
     intermediate_size: int | None = Field(None, ge=1, description="MLP intermediate size.")
     num_attention_heads: int | None = Field(None, ge=1, description="Attention (query) heads.")
@@ -262,6 +267,14 @@ class AcceleratorSpec(_Model):
     max_accelerators: int | None = Field(
         None, ge=1, description="Most accelerators (GPUs or Neuron chips) one replica may use."
     )
+    tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Pin the tensor-parallel degree (GPUs, or NeuronCores on Neuron); it must divide the "
+            "model's attention heads. Default: the planner chooses."
+        ),
+    )
     max_cost_per_hour: float | None = Field(
         None, gt=0, description="Most on-demand USD per hour one replica may cost."
     )
@@ -272,7 +285,9 @@ class ReplicasSpec(_Model):
     min: int = Field(
         1, ge=0, description="Fewest replicas; 0 lets the autoscaler scale to zero when idle."
     )
-    max: int | None = Field(None, ge=1, description="Most replicas; defaults to min (no autoscaling).")
+    max: int | None = Field(
+        None, ge=1, description="Most replicas; defaults to min (no autoscaling)."
+    )
     target_queue_length: int = Field(
         4,
         ge=1,
@@ -286,7 +301,8 @@ class ModelDeploymentSpec(_Model):
         default_factory=ServingSpec, description="Context length, concurrency and engine settings."
     )
     accelerator: AcceleratorSpec = Field(
-        default_factory=AcceleratorSpec, description="Constraints on the hardware the plan may pick."
+        default_factory=AcceleratorSpec,
+        description="Constraints on the hardware the plan may pick.",
     )
     replicas: ReplicasSpec = Field(
         default_factory=ReplicasSpec, description="Replica bounds for the autoscaler."
@@ -359,7 +375,9 @@ class ModelDeploymentStatus(_Model):
     plan: PlanSummary | None = Field(None, description="The chosen placement.")
     replicas: int | None = Field(None, description="Desired replicas.")
     ready_replicas: int | None = Field(None, description="Replicas serving requests.")
-    selector: str | None = Field(None, description="Label selector of the replicas (scale subresource).")
+    selector: str | None = Field(
+        None, description="Label selector of the replicas (scale subresource)."
+    )
     endpoint: str | None = Field(None, description="In-cluster OpenAI-compatible base URL.")
     message: str | None = Field(None, description="What is happening, for people.")
 
@@ -374,7 +392,9 @@ def load_spec(spec: dict[str, Any], field_prefix: str = "spec") -> ModelDeployme
         field = f"{field_prefix}.{location}" if location else field_prefix
         message = str(first["msg"]).removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown field; check its spelling against `kubectl explain modeldeployment.spec`"
+            message = (
+                "unknown field; check its spelling against `kubectl explain modeldeployment.spec`"
+            )
         elif first["type"] == "missing":
             message = "is required"
         elif first["type"] == "literal_error":

@@ -38,7 +38,9 @@ class OperatorConfig(BaseModel):
     catalog_path: str | None = Field(
         None, description="Accelerator catalog override (YAML), e.g. a mounted ConfigMap."
     )
-    cluster_name: str = Field("", description="EKS cluster name (Karpenter discovery, node groups).")
+    cluster_name: str = Field(
+        "", description="EKS cluster name (Karpenter discovery, node groups)."
+    )
     node_role: str = Field(
         "", description="IAM role of the nodes (EC2NodeClass role, node group nodeRole ARN)."
     )

@@ -138,7 +138,10 @@ def build_crd() -> dict[str, Any]:
                             ),
                             "required": ["spec"],
                             "properties": {
-                                "apiVersion": {"type": "string", "description": "modelship.dev/v1alpha1"},
+                                "apiVersion": {
+                                    "type": "string",
+                                    "description": "modelship.dev/v1alpha1",
+                                },
                                 "kind": {"type": "string", "description": "ModelDeployment"},
                                 "metadata": {"type": "object"},
                                 "spec": spec,

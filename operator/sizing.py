@@ -159,7 +159,9 @@ def kv_dtype_bytes(kv_cache_dtype: str, fmt: ServedFormat) -> int:
     return BITS[fmt.dtype] // 8
 
 
-def kv_bytes_per_token_per_layer(info: ModelInfo, tensor_parallel_size: int, element_bytes: int) -> int:
+def kv_bytes_per_token_per_layer(
+    info: ModelInfo, tensor_parallel_size: int, element_bytes: int
+) -> int:
     """K and V of one token in one layer on one worker (vllm/v1/kv_cache_interface.py)."""
     if info.uses_mla:
         # MLA caches one latent vector (kv_lora_rank + rope dims) per token, replicated over TP.
@@ -318,7 +320,9 @@ def _dtype_for(candidate: _Candidate, request: Request) -> tuple[str, list[str]]
         if BITS[fmt.name] == 4 and sm < 8.0:
             notes.append(f"Marlin int4 kernels need SM 8.0; {accelerator.model} uses slower ones")
         if request.kv_cache_dtype.startswith("fp8") and sm < 8.0:
-            raise _Infeasible(f"an fp8 KV cache needs SM 8.0 or newer; {accelerator.model} is SM {sm}")
+            raise _Infeasible(
+                f"an fp8 KV cache needs SM 8.0 or newer; {accelerator.model} is SM {sm}"
+            )
     else:
         if BITS[fmt.name] == 4 or fmt.name == "int8-gptq":
             raise _Infeasible(
@@ -343,7 +347,9 @@ def _evaluate(candidate: _Candidate, request: Request, info: ModelInfo) -> Place
         raise _Infeasible(f"{pp} pipeline stages exceed the {info.num_layers} layers")
     dtype, notes = _dtype_for(candidate, request)
     fmt = request.fmt
-    element_bytes = kv_dtype_bytes(request.kv_cache_dtype, ServedFormat(fmt.name, dtype, None, False))
+    element_bytes = kv_dtype_bytes(
+        request.kv_cache_dtype, ServedFormat(fmt.name, dtype, None, False)
+    )
     layers = math.ceil(info.num_layers / pp)
     per_layer = kv_bytes_per_token_per_layer(info, tp, element_bytes)
     kv_per_token = layers * per_layer
@@ -354,7 +360,9 @@ def _evaluate(candidate: _Candidate, request: Request, info: ModelInfo) -> Place
         device_bytes = accelerator.memory_bytes
         usable = int(device_bytes * request.gpu_memory_utilization)
         batched_tokens = (
-            BATCHED_TOKENS_LARGE_GPU if device_bytes >= LARGE_GPU_BYTES else BATCHED_TOKENS_SMALL_GPU
+            BATCHED_TOKENS_LARGE_GPU
+            if device_bytes >= LARGE_GPU_BYTES
+            else BATCHED_TOKENS_SMALL_GPU
         )
         max_num_seqs = max(DEFAULT_MAX_NUM_SEQS, request.concurrency)
         batched_tokens = max(batched_tokens, max_num_seqs)
@@ -560,6 +568,9 @@ def _enumerate(
         name = candidate.instance.name
         if candidate.pipeline_parallel_size > 1:
             name = f"{candidate.pipeline_parallel_size} x {name}"
+        pinned_tp = spec.accelerator.tensor_parallel_size
+        if pinned_tp is not None and candidate.tensor_parallel_size != pinned_tp:
+            return None  # not a rejection: the user pinned another degree
         try:
             if max_accelerators is not None and candidate.accelerator_count > max_accelerators:
                 raise _Infeasible(
@@ -569,14 +580,22 @@ def _enumerate(
             placement = _evaluate(candidate, request, info)
             if max_cost is not None:
                 if placement.cost_per_hour_usd is None:
-                    raise _Infeasible("no on-demand price in the catalog to compare with maxCostPerHour")
+                    raise _Infeasible(
+                        "no on-demand price in the catalog to compare with maxCostPerHour"
+                    )
                 if placement.cost_per_hour_usd > max_cost:
                     raise _Infeasible(
                         f"costs ${placement.cost_per_hour_usd:.2f}/h, above "
                         f"spec.accelerator.maxCostPerHour ${max_cost:.2f}"
                     )
         except _Infeasible as reason:
-            rejected.append(Rejection(instance_type=name, accelerator_count=candidate.accelerator_count, reason=str(reason)))
+            rejected.append(
+                Rejection(
+                    instance_type=name,
+                    accelerator_count=candidate.accelerator_count,
+                    reason=str(reason),
+                )
+            )
             return None
         feasible.append(placement)
         return placement
@@ -593,7 +612,13 @@ def _enumerate(
             if accelerator.vendor != "nvidia" or instance.count < 2:
                 continue
             if not instance.efa:
-                rejected.append(Rejection(instance_type=instance.name, accelerator_count=instance.count, reason="multi-node serving needs EFA, which this instance type lacks"))
+                rejected.append(
+                    Rejection(
+                        instance_type=instance.name,
+                        accelerator_count=instance.count,
+                        reason="multi-node serving needs EFA, which this instance type lacks",
+                    )
+                )
                 continue
             for nodes in range(2, MAX_PIPELINE_NODES + 1):
                 candidate = _Candidate(instance, accelerator, instance.count, nodes)
@@ -616,7 +641,9 @@ def _best_per_instance(placements: list[Placement]) -> list[Placement]:
 def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
     """Apply defaults and check the spec against the model; SpecError on a contradiction."""
     serving = spec.serving
-    max_model_len = serving.max_model_len or min(info.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+    max_model_len = serving.max_model_len or min(
+        info.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP
+    )
     if max_model_len > info.max_position_embeddings:
         raise SpecError(
             "spec.serving.maxModelLen",
@@ -624,6 +651,19 @@ def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
             f"({info.max_position_embeddings}); lower it to at most {info.max_position_embeddings}.",
         )
     fmt = served_format(info, spec.model.quantization)
+    pinned_tp = spec.accelerator.tensor_parallel_size
+    if pinned_tp is not None:
+        problem = _tensor_parallel_problem(info, fmt, pinned_tp)
+        if problem:
+            valid = [
+                tp
+                for tp in range(1, info.num_attention_heads + 1)
+                if _tensor_parallel_problem(info, fmt, tp) is None
+            ]
+            raise SpecError(
+                "spec.accelerator.tensorParallelSize",
+                f"{problem}; use one of {', '.join(map(str, valid))}, or leave it out.",
+            )
     return Request(
         max_model_len=max_model_len,
         concurrency=serving.concurrency,
@@ -653,7 +693,9 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
         return min(feasible, key=_rank_key) if feasible else None
 
     def where(placement: Placement) -> str:
-        cost = f"${placement.cost_per_hour_usd:.2f}/h" if placement.cost_per_hour_usd else "no price"
+        cost = (
+            f"${placement.cost_per_hour_usd:.2f}/h" if placement.cost_per_hour_usd else "no price"
+        )
         nodes = f"{placement.nodes} x " if placement.nodes > 1 else ""
         return f"{nodes}{placement.instance_type} (TP {placement.tensor_parallel_size}, {cost})"
 
@@ -662,7 +704,9 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
         length //= 2
         placement = cheapest(_replace_request(request, max_model_len=length))
         if placement:
-            suggestions.append(f"shorter context: spec.serving.maxModelLen {length} fits on {where(placement)}")
+            suggestions.append(
+                f"shorter context: spec.serving.maxModelLen {length} fits on {where(placement)}"
+            )
             break
     if request.concurrency > 1:
         concurrency = request.concurrency
@@ -670,17 +714,23 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
             concurrency //= 2
             placement = cheapest(_replace_request(request, concurrency=concurrency))
             if placement:
-                suggestions.append(f"fewer sequences: spec.serving.concurrency {concurrency} fits on {where(placement)}")
+                suggestions.append(
+                    f"fewer sequences: spec.serving.concurrency {concurrency} fits on {where(placement)}"
+                )
                 break
     if not request.kv_cache_dtype.startswith("fp8"):
         placement = cheapest(_replace_request(request, kv_cache_dtype="fp8"))
         if placement:
-            suggestions.append(f"a smaller KV cache: spec.serving.kvCacheDtype fp8 fits on {where(placement)}")
+            suggestions.append(
+                f"a smaller KV cache: spec.serving.kvCacheDtype fp8 fits on {where(placement)}"
+            )
     for stronger in ("fp8", "int4"):
         if BITS[request.fmt.name] <= BITS[stronger]:
             continue
         fmt = ServedFormat(stronger, request.fmt.dtype, None, False)
-        placement = cheapest(_replace_request(request, fmt=fmt, weight_bytes=weight_bytes(info, fmt)))
+        placement = cheapest(
+            _replace_request(request, fmt=fmt, weight_bytes=weight_bytes(info, fmt))
+        )
         if placement:
             how = "quantized on load" if stronger == "fp8" else "an AWQ/GPTQ checkpoint"
             suggestions.append(
@@ -688,8 +738,16 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
             )
             break
     constraints = request.spec.accelerator
-    if constraints.family != "auto" or constraints.instance_types or constraints.max_accelerators or constraints.max_cost_per_hour or constraints.exclude_instance_types:
-        open_spec = request.spec.model_copy(update={"accelerator": type(constraints)(capacity_type=constraints.capacity_type)})
+    if (
+        constraints.family != "auto"
+        or constraints.instance_types
+        or constraints.max_accelerators
+        or constraints.max_cost_per_hour
+        or constraints.exclude_instance_types
+    ):
+        open_spec = request.spec.model_copy(
+            update={"accelerator": type(constraints)(capacity_type=constraints.capacity_type)}
+        )
         placement = cheapest(_replace_request(request, spec=open_spec))
         if placement:
             suggestions.append(

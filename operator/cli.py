@@ -1,0 +1,392 @@
+"""The `modelship` command line.
+
+    modelship plan      size the hardware for a model (a ModelDeployment file, or flags)
+    modelship render    print the Kubernetes objects the operator would apply
+    modelship crd       print the ModelDeployment CustomResourceDefinition
+    modelship catalog   list the accelerator catalog
+    modelship operator  run the operator (kopf)
+    modelship runtime   the runtime pod's entry point (fetch, verify, serve)
+    modelship demo      the whole path on this machine: tiny model, local S3, plan, serve, ask
+
+Exit status: 0 success, 1 bad input, 2 (plan, render) nothing fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import api
+from .api import SpecError
+from .catalog import Catalog, CatalogError, load_catalog
+from .config import ConfigError
+from .modelinfo import ModelInfoError, inspect_model
+from .plan import ModelInfo, Placement, Plan
+from .source import SourceError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_FIT = 0, 1, 2
+
+# spec fields and the plan flags that set them, so errors speak the user's language
+FLAG_FOR_FIELD = {
+    "spec.model.uri": "--model",
+    "spec.model.parameters": "--params",
+    "spec.model.quantization": "--quantization",
+    "spec.serving.maxModelLen": "--max-model-len",
+    "spec.serving.concurrency": "--concurrency",
+    "spec.serving.kvCacheDtype": "--kv-cache-dtype",
+    "spec.accelerator.family": "--accelerator-family",
+    "spec.accelerator.instanceTypes": "--instance-types",
+    "spec.accelerator.maxAccelerators": "--max-accelerators",
+    "spec.accelerator.maxCostPerHour": "--max-cost-per-hour",
+    "spec.accelerator.tensorParallelSize": "--tensor-parallel-size",
+    "spec.accelerator.capacityType": "--capacity-type",
+}
+
+
+class CliError(Exception):
+    """Bad input: printed as `modelship: error: ...`, exit 1."""
+
+
+def _error(message: str) -> int:
+    print(f"modelship: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _model_uri(value: str) -> str:
+    """Accept plain paths for local models: /models/llama and ./llama mean file:///..."""
+    if "://" in value:
+        return value
+    return "file://" + str(Path(value).expanduser().resolve())
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def spec_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(name, spec dict) from -f FILE and/or flags; flags override the file."""
+    name = "model"
+    spec: dict[str, Any] = {}
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            documents = [d for d in yaml.safe_load_all(text) if d]
+        except OSError as error:
+            raise CliError(f"-f {args.file}: cannot be read ({error.strerror}).") from None
+        except yaml.YAMLError as error:
+            raise CliError(f"-f {args.file}: not valid YAML ({error}).") from None
+        models = [d for d in documents if isinstance(d, dict) and d.get("kind") == api.KIND]
+        if len(models) != 1:
+            raise CliError(f"-f {args.file}: expected one {api.KIND}, found {len(models)}.")
+        document = models[0]
+        api.load_manifest(document)  # validates kind, apiVersion, metadata.name and the spec
+        name = document["metadata"]["name"]
+        spec = document.get("spec") or {}
+    flags = {
+        "model.uri": _model_uri(args.model) if args.model else None,
+        "model.parameters": args.params,
+        "model.quantization": args.quantization,
+        "serving.maxModelLen": args.max_model_len,
+        "serving.concurrency": args.concurrency,
+        "serving.kvCacheDtype": args.kv_cache_dtype,
+        "accelerator.family": args.accelerator_family,
+        "accelerator.instanceTypes": (
+            [t.strip() for t in args.instance_types.split(",") if t.strip()]
+            if args.instance_types
+            else None
+        ),
+        "accelerator.maxAccelerators": args.max_accelerators,
+        "accelerator.maxCostPerHour": args.max_cost_per_hour,
+        "accelerator.tensorParallelSize": args.tensor_parallel_size,
+        "accelerator.capacityType": args.capacity_type,
+    }
+    for path, value in flags.items():
+        if value is not None:
+            _set(spec, path, value)
+    if "uri" not in spec.get("model", {}):
+        raise CliError(
+            "--model is required (or -f FILE): a directory or s3:// prefix holding the model's "
+            "config.json. --params alone does not say how many layers and KV heads it has."
+        )
+    return name, spec
+
+
+def inspect(spec: api.ModelDeploymentSpec, endpoint_url: str | None = None) -> ModelInfo:
+    """ModelInfo for a spec: config.json and safetensors headers, with the spec's overrides."""
+    return inspect_model(
+        spec.model.source,
+        overrides=spec.model.architecture,
+        parameters=spec.model.parameter_count,
+        endpoint_url=endpoint_url,
+    )
+
+
+def build_plan(args: argparse.Namespace) -> tuple[str, api.ModelDeploymentSpec, Plan]:
+    from .sizing import make_plan
+
+    name, raw_spec = spec_from_args(args)
+    spec = api.load_spec(raw_spec)
+    catalog = load_catalog(args.catalog)
+    info = inspect(spec, args.endpoint_url)
+    return name, spec, make_plan(info, spec, catalog)
+
+
+def _gib(value: int | float) -> str:
+    return f"{value / (1 << 30):.1f} GiB"
+
+
+def _cost(value: float | None) -> str:
+    return "n/a" if value is None else f"${value:,.2f}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  " + "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += [
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _accelerators(placement: Placement) -> str:
+    nodes = f"{placement.nodes} x " if placement.nodes > 1 else ""
+    return f"{nodes}{placement.accelerators_per_node} x {placement.accelerator_type}"
+
+
+def format_plan(plan: Plan) -> str:
+    """The human-readable plan: model, needs, chosen placement, alternatives, rejections."""
+    model, needs = plan.model, plan.needs
+    out = [
+        f"Model     {model.architecture} ({model.model_type}), {model.parameters / 1e9:.2f}B "
+        f"parameters ({model.parameters_source}), {model.dtype}"
+        + (f", {model.quantization}" if model.quantization != "none" else ""),
+        f"          {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads / {model.num_key_value_heads} KV heads x "
+        f"{model.head_dim}, context {model.max_position_embeddings:,}"
+        + (f", MoE {model.num_experts} experts" if model.num_experts else "")
+        + (f", MLA rank {model.kv_lora_rank}" if model.kv_lora_rank else "")
+        + (f", sliding window {model.sliding_window}" if model.sliding_window else ""),
+        f"Needs     maxModelLen {needs.max_model_len:,} x concurrency {needs.concurrency}, "
+        f"weights {needs.quantization}, KV cache {needs.kv_cache_dtype}",
+    ]
+    out += [f"Warning   {warning}" for warning in model.warnings]
+    chosen = plan.chosen
+    if chosen:
+        memory = chosen.memory
+        unit = "GPU" if chosen.accelerator_vendor == "nvidia" else "NeuronCore"
+        out += [
+            "",
+            f"Chosen    {chosen.instance_type}: {_accelerators(chosen)}, TP {chosen.tensor_parallel_size}"
+            + (f", PP {chosen.pipeline_parallel_size}" if chosen.pipeline_parallel_size > 1 else "")
+            + f", {_cost(chosen.cost_per_hour_usd)}/h on-demand",
+            f"          per {unit}: weights {_gib(memory.weight_bytes)}, activations "
+            f"{_gib(memory.activation_bytes)}, runtime {_gib(memory.runtime_overhead_bytes + memory.cuda_graph_bytes)}, "
+            f"KV cache {_gib(memory.kv_cache_bytes)} (of {_gib(memory.usable_bytes)} usable)",
+            f"          KV cache holds {chosen.kv_cache_tokens:,} tokens: "
+            f"{chosen.max_concurrent_sequences} sequences of {needs.max_model_len:,}",
+            f"          pod: {chosen.resource_name}: {chosen.resource_count}, cpu {chosen.cpu_request}, "
+            f"memory {_gib(chosen.memory_request_bytes)}, disk {_gib(chosen.ephemeral_storage_bytes)}; "
+            f"ready in about {chosen.estimated_ready_seconds // 60 + 1} min after the node",
+            f"          vllm serve {' '.join(chosen.engine_args)}",
+        ]
+        out += [f"Note      {note}" for note in chosen.notes]
+    else:
+        out += ["", "Chosen    nothing fits. What would:"]
+        out += [f"          - {suggestion}" for suggestion in plan.suggestions]
+    if plan.alternatives:
+        rows = [
+            [
+                p.instance_type,
+                _accelerators(p),
+                str(p.tensor_parallel_size),
+                str(p.pipeline_parallel_size),
+                f"{p.kv_cache_tokens:,}",
+                str(p.max_concurrent_sequences),
+                _cost(p.cost_per_hour_usd),
+            ]
+            for p in plan.alternatives
+        ]
+        out += ["", "Alternatives (cheapest first)"]
+        out.append(
+            _table(rows, ["INSTANCE", "ACCELERATORS", "TP", "PP", "KV TOKENS", "SEQS", "$/H"])
+        )
+    if plan.rejected:
+        rows = [[r.instance_type, str(r.accelerator_count), r.reason] for r in plan.rejected]
+        out += ["", "Rejected"]
+        out.append(_table(rows, ["INSTANCE", "ACCEL", "REASON"]))
+    return "\n".join(out)
+
+
+def _print_structured(data: Any, output: str) -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False, width=120), end="")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _, _, plan = build_plan(args)
+    if args.output == "table":
+        print(format_plan(plan))
+    else:
+        _print_structured(plan.to_json_dict(), args.output)
+    return EXIT_OK if plan.chosen else EXIT_NO_FIT
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .render import ModelDeploymentRef, render_documents
+
+    name, spec, plan = build_plan(args)
+    if plan.chosen is None:
+        print(format_plan(plan), file=sys.stderr)
+        return EXIT_NO_FIT
+    config = load_config()
+    md = ModelDeploymentRef(
+        name=name, namespace=args.namespace, uid=args.uid or "", generation=1, spec=spec
+    )
+    documents = render_documents(md, plan.chosen, config)
+    if not args.uid:
+        # Without the live object's uid there is no owner to point at; the operator sets it.
+        for document in documents:
+            document.get("metadata", {}).pop("ownerReferences", None)
+    print(yaml.safe_dump_all(documents, sort_keys=False, width=120), end="")
+    return EXIT_OK
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import crd_yaml
+
+    print(crd_yaml(), end="")
+    return EXIT_OK
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    catalog: Catalog = load_catalog(args.catalog)
+    rows = []
+    for instance in catalog.instance_types:
+        accelerator = catalog.accelerator(instance)
+        rows.append(
+            [
+                instance.name,
+                f"{instance.count} x {accelerator.model}",
+                f"{accelerator.memory_gib:g} GiB",
+                str(instance.vcpus),
+                f"{instance.memory_gib:g} GiB",
+                "yes" if instance.efa else "no",
+                _cost(instance.usd_per_hour),
+            ]
+        )
+    print(f"Prices: {catalog.region} on-demand, {catalog.price_date} (approximate)")
+    print(_table(rows, ["INSTANCE", "ACCELERATORS", "MEMORY EACH", "VCPU", "HOST", "EFA", "$/H"]))
+    return EXIT_OK
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .handlers import run_operator
+
+    return run_operator(args.rest)
+
+
+def cmd_runtime(args: argparse.Namespace) -> int:
+    from ..runtime.main import main as runtime_main
+
+    return runtime_main(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..runtime.demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def _plan_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--file", help="a ModelDeployment YAML file ('-' for stdin)")
+    parser.add_argument(
+        "--model", help="model URI: s3://bucket/prefix, file:///dir or a local path"
+    )
+    parser.add_argument(
+        "--params",
+        help="parameter count when the package has no safetensors: 8B, 70.6B, 7000000000",
+    )
+    parser.add_argument("--quantization", help=f"one of {', '.join(api.QUANTIZATIONS)}")
+    parser.add_argument("--max-model-len", type=int, help="longest sequence served, in tokens")
+    parser.add_argument("--concurrency", type=int, help="sequences served at once at full context")
+    parser.add_argument("--kv-cache-dtype", help="auto, fp8, fp8_e4m3 or fp8_e5m2")
+    parser.add_argument("--accelerator-family", help="auto, nvidia, inferentia or trainium")
+    parser.add_argument(
+        "--instance-types",
+        help="allowed instance types, comma-separated (patterns like g6e.* work)",
+    )
+    parser.add_argument("--max-accelerators", type=int, help="most accelerators per replica")
+    parser.add_argument("--max-cost-per-hour", type=float, help="most USD per hour per replica")
+    parser.add_argument("--tensor-parallel-size", type=int, help="pin the tensor-parallel degree")
+    parser.add_argument("--capacity-type", help="on-demand or spot")
+    parser.add_argument("--catalog", help="catalog override file (merged over the built-in one)")
+    parser.add_argument(
+        "--endpoint-url", help="S3 endpoint for S3-compatible stores (default: AWS_ENDPOINT_URL)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelship",
+        description="Size, provision and serve language models on Amazon EKS with vLLM.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = commands.add_parser("plan", help="size the hardware for a model")
+    _plan_flags(plan)
+    plan.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    plan.set_defaults(handler=cmd_plan)
+
+    render = commands.add_parser(
+        "render", help="print the Kubernetes objects for a ModelDeployment"
+    )
+    _plan_flags(render)
+    render.add_argument("-n", "--namespace", default="default")
+    render.add_argument("--uid", help="the live ModelDeployment's uid, to set ownerReferences")
+    render.set_defaults(handler=cmd_render)
+
+    crd = commands.add_parser("crd", help="print the ModelDeployment CRD")
+    crd.set_defaults(handler=cmd_crd)
+
+    catalog = commands.add_parser("catalog", help="list the accelerator catalog")
+    catalog.add_argument("--catalog", help="catalog override file")
+    catalog.set_defaults(handler=cmd_catalog)
+
+    for name, handler, text in [
+        ("operator", cmd_operator, "run the operator"),
+        ("runtime", cmd_runtime, "the runtime pod's entry point"),
+        ("demo", cmd_demo, "run the whole path on this machine"),
+    ]:
+        sub = commands.add_parser(name, help=text, add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except SpecError as error:
+        flag = FLAG_FOR_FIELD.get(error.field)
+        where = (
+            f"{error.field} ({flag})" if flag and not getattr(args, "file", None) else error.field
+        )
+        return _error(f"{where}: {error.message}")
+    except (CliError, CatalogError, SourceError, ModelInfoError, ConfigError) as error:
+        return _error(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
