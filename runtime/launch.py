@@ -239,6 +239,12 @@ class VllmProcess:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signum)
 
+    def kill_group(self) -> None:
+        """SIGKILL vLLM and every process of its group (engine-core workers)."""
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+
     def stop(self, grace_seconds: float = 30.0) -> int:
         """SIGTERM, then SIGKILL to the whole process group after `grace_seconds`."""
         assert self._process is not None
@@ -246,12 +252,10 @@ class VllmProcess:
         try:
             code = self._process.wait(timeout=grace_seconds)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._process.pid, signal.SIGKILL)
+            self.kill_group()
             code = self._process.wait()
         # Reap anything left in the group (engine cores whose parent died first).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signal.SIGKILL)
+        self.kill_group()
         if self._reader is not None:
             self._reader.join(timeout=5)
         return code
