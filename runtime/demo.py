@@ -13,13 +13,18 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,3 +196,225 @@ def start_seaweed(
                     f"{ready_timeout_seconds:.0f} s; see {log_path}"
                 ) from None
             time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo itself.
+
+DEMO_BUCKET = "models"
+DEMO_PREFIX = "tiny-llama"
+SERVED_NAME = "tiny-llama"
+# vLLM's CPU build on a small machine: bf16, a short context (see runtime/launch.py for the env).
+CPU_ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "1024"]
+
+
+def _say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def _plan(server: SeaweedServer, uri: str) -> tuple[str, list[str], int | None]:
+    """(summary, engine args for this CPU, predicted KV tokens) from the real planner."""
+    from ..operator import api
+    from ..operator.catalog import load_catalog
+    from ..operator.cli import format_plan
+    from ..operator.modelinfo import inspect_model
+    from ..operator.sizing import make_plan
+
+    spec = api.load_spec({"model": {"uri": uri}, "serving": {"maxModelLen": 1024}})
+    info = inspect_model(spec.model.source, client=server.client())
+    plan = make_plan(info, spec, load_catalog())
+    summary = format_plan(plan)
+    if plan.chosen is None:
+        return summary, list(CPU_ENGINE_ARGS), None
+    # The plan is for an EKS accelerator; on this CPU keep its shapes (context, batch) and
+    # drop what only a GPU understands (memory fraction, fp16 for T4, fp8).
+    engine = plan.chosen.engine.model_copy(
+        update={
+            "device": "cpu",
+            "dtype": "bfloat16",
+            "tensor_parallel_size": 1,
+            "pipeline_parallel_size": 1,
+            "gpu_memory_utilization": None,
+            "quantization": None,
+            "kv_cache_dtype": "auto",
+        }
+    )
+    return summary, engine.to_argv(), plan.chosen.kv_cache_tokens
+
+
+def _post_json(url: str, body: dict[str, Any], timeout_seconds: float = 120) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout_seconds) as response:
+        result: dict[str, Any] = json.load(response)
+        return result
+
+
+def _wait_ready(
+    runtime: subprocess.Popen[bytes], status_path: Path, timeout_seconds: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if runtime.poll() is not None:
+            raise RuntimeError(f"the runtime exited with code {runtime.returncode}; see its log")
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            status: dict[str, Any] = json.loads(status_path.read_text())
+            if status.get("phase") == "ready":
+                return status
+            if status.get("phase") == "failed":
+                raise RuntimeError(f"the runtime failed: {status.get('error')}")
+        time.sleep(1)
+    raise RuntimeError(f"the runtime was not ready within {timeout_seconds:.0f} s")
+
+
+def _stop_runtime(runtime: subprocess.Popen[bytes]) -> None:
+    if runtime.poll() is None:
+        runtime.send_signal(signal.SIGTERM)  # the runtime forwards it to vLLM
+        try:
+            runtime.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(runtime.pid, signal.SIGKILL)
+            runtime.wait()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Every step of the demo; everything it started is stopped before it returns."""
+    from .tinymodel import build_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="modelship-demo-"))
+    server: SeaweedServer | None = None
+    runtime: subprocess.Popen[bytes] | None = None
+    try:
+        _say(f"building the tiny Llama model in {workdir / 'source'}")
+        model_dir = build_tiny_model(workdir / "source")
+
+        _say("starting SeaweedFS (weed mini) on 127.0.0.1")
+        server = start_seaweed(workdir / "seaweed", bucket=DEMO_BUCKET)
+        uploaded = server.upload_dir(model_dir, DEMO_PREFIX)
+        uri = f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}"
+        _say(f"uploaded {uploaded / 1e6:.1f} MB to {uri} at {server.endpoint_url}")
+
+        _say("planning (model inspection + sizing against the accelerator catalog)")
+        summary, engine_args, predicted_kv_tokens = _plan(server, uri)
+        lines = summary.splitlines()
+        print("\n".join(lines[:18]), flush=True)
+        if len(lines) > 18:
+            print(f"  ... {len(lines) - 18} more lines: `modelship plan --model <dir>` shows all")
+
+        port, metrics_port = free_port(), free_port()
+        status_path = workdir / "status.json"
+        command = [
+            sys.executable,
+            "-m",
+            "modelship.runtime.main",
+            "--source",
+            uri,
+            "--model-dir",
+            str(workdir / "pod" / "model"),
+            "--served-model-name",
+            SERVED_NAME,
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(metrics_port),
+            "--s3-endpoint-url",
+            server.endpoint_url,
+            "--status-file",
+            str(status_path),
+            "--ready-timeout-seconds",
+            str(args.ready_timeout_seconds),
+        ]
+        if predicted_kv_tokens is not None:
+            command += ["--predicted-kv-cache-tokens", str(predicted_kv_tokens)]
+        command += ["--", *engine_args]
+        log_path = workdir / "runtime.log"
+        _say(f"starting the runtime (fetch, verify, vLLM on the CPU); log: {log_path}")
+        print("    " + " ".join(command), flush=True)
+        with log_path.open("wb") as log_file:
+            runtime = subprocess.Popen(
+                command,
+                env={**os.environ, **server.env},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the demo, which stops the runtime
+            )
+        status = _wait_ready(runtime, status_path, args.ready_timeout_seconds + 120)
+
+        _say(f"asking {SERVED_NAME}: {args.prompt!r}")
+        answer = _post_json(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {
+                "model": SERVED_NAME,
+                "messages": [{"role": "user", "content": args.prompt}],
+                "max_tokens": 24,
+                "temperature": 0.8,
+            },
+        )
+        text = answer["choices"][0]["message"]["content"]
+        usage = answer.get("usage", {})
+        print(f"    answer ({usage.get('completion_tokens')} tokens, random weights): {text!r}")
+
+        fetch = status.get("fetch", {})
+        rate = fetch.get("rate_bytes_per_second") or 0
+        print()
+        _say("figures")
+        print(
+            f"    fetch:          {fetch.get('bytes_fetched')} bytes in {fetch.get('seconds')} s "
+            f"({rate / 1e6:.1f} MB/s)"
+        )
+        print(
+            f"    time to ready:  {status.get('time_to_ready_seconds')} s (runtime start to "
+            "vLLM /health)"
+        )
+        print(
+            f"    KV cache:       {status.get('kv_cache_tokens')} tokens on this CPU "
+            f"(1 GiB); the plan predicts {predicted_kv_tokens} on its accelerator"
+        )
+        print(
+            f"    runtime metrics http://127.0.0.1:{metrics_port}/metrics, "
+            f"vLLM metrics http://127.0.0.1:{port}/metrics"
+        )
+        return 0
+    except KeyboardInterrupt:
+        _say("interrupted: shutting down")
+        return 130
+    except Exception as error:
+        print(f"error: demo failed: {error}", file=sys.stderr)
+        log_path = workdir / "runtime.log"
+        if log_path.exists():
+            print("---- last lines of the runtime log ----", file=sys.stderr)
+            print(
+                "\n".join(log_path.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr
+            )
+        return 1
+    finally:
+        if runtime is not None:
+            _stop_runtime(runtime)
+        if server is not None:
+            server.stop()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        _say("stopped vLLM and SeaweedFS" + ("" if args.keep else ", removed temporary files"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`modelship demo`."""
+    parser = argparse.ArgumentParser(prog="modelship demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--ready-timeout-seconds", type=float, default=600.0)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
