@@ -1,0 +1,245 @@
+"""EKS managed node groups (node_pool_mode = eks-nodegroup), through boto3's EKS client.
+
+A node group is shared by every ModelDeployment on the same hardware, like a Karpenter pool.
+Each user records its own request as a node group tag
+`modelship.dev/user-<hash of namespace/name>` = `<max>,<desired>,<disk GiB> <namespace>/<name>`
+(EKS TagResource: one key per user, so concurrent reconciles do not overwrite each other). The
+group's size is the sum of its users' requests (`nodepool.merge_node_group_requests`); the group
+is deleted when its last user leaves.
+
+What EKS can change in place is changed in place (scaling config, Kubernetes labels and taints);
+instance types, AMI type, capacity type and disk size are fixed at creation, so a change there
+needs a new group (a new pool name, which render derives from the instance and capacity type).
+
+The endpoint is overridable (`endpoint_url` argument, or boto3's own AWS_ENDPOINT_URL), which is
+how the tests talk to moto's server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import boto3
+
+from .config import OperatorConfig
+from .nodepool import NodeGroupRequest, merge_node_group_requests
+
+USER_TAG_PREFIX = "modelship.dev/user-"
+MANAGED_TAG = "modelship.dev/managed-by"
+
+
+class NodeGroupError(RuntimeError):
+    """A node group operation failed; the message names the group and what to check."""
+
+
+def eks_client(config: OperatorConfig, endpoint_url: str | None = None) -> Any:
+    """An EKS client for the configured region (endpoint override for tests / private APIs)."""
+    return boto3.client("eks", region_name=config.aws_region, endpoint_url=endpoint_url)
+
+
+def user_tag(namespace: str, name: str) -> str:
+    """The tag key one ModelDeployment writes on a node group it uses."""
+    return USER_TAG_PREFIX + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
+
+
+def _user_value(request: NodeGroupRequest, namespace: str, name: str) -> str:
+    return f"{request.max_size},{request.desired_size},{request.disk_size_gib} {namespace}/{name}"[
+        :256
+    ]
+
+
+def _parse_user_value(base: NodeGroupRequest, value: str) -> NodeGroupRequest:
+    sizes = value.split(" ", 1)[0].split(",")
+    try:
+        max_size, desired, disk = (int(part) for part in sizes)
+    except ValueError:  # a hand-written tag: count the user, add nothing
+        max_size, desired, disk = 0, 0, 0
+    return replace(base, max_size=max_size, desired_size=desired, disk_size_gib=disk)
+
+
+@dataclass(frozen=True)
+class NodeGroupState:
+    """A node group as EKS reports it."""
+
+    name: str
+    status: str  # CREATING, ACTIVE, UPDATING, DELETING, CREATE_FAILED, DEGRADED, ...
+    min_size: int
+    max_size: int
+    desired_size: int
+    users: tuple[str, ...]
+    health: str
+
+
+class NodeGroups:
+    """Create, resize and delete the shared node groups of one EKS cluster."""
+
+    def __init__(self, config: OperatorConfig, client: Any | None = None) -> None:
+        if not config.cluster_name:
+            raise NodeGroupError(
+                "MODELSHIP_CLUSTER_NAME is empty; eks-nodegroup mode needs the EKS cluster's name."
+            )
+        self.config = config
+        self.client = client or eks_client(config)
+
+    def _describe(self, name: str) -> dict[str, Any] | None:
+        try:
+            answer = self.client.describe_nodegroup(
+                clusterName=self.config.cluster_name, nodegroupName=name
+            )
+        except self.client.exceptions.ResourceNotFoundException:
+            return None
+        return dict(answer["nodegroup"])
+
+    def state(self, name: str) -> NodeGroupState | None:
+        """The node group's status (for CapacityReady), or None when it does not exist."""
+        group = self._describe(name)
+        if group is None:
+            return None
+        scaling = group.get("scalingConfig") or {}
+        tags = group.get("tags") or {}
+        issues = (group.get("health") or {}).get("issues") or []
+        return NodeGroupState(
+            name=name,
+            status=str(group.get("status")),
+            min_size=int(scaling.get("minSize", 0)),
+            max_size=int(scaling.get("maxSize", 0)),
+            desired_size=int(scaling.get("desiredSize", 0)),
+            users=tuple(
+                sorted(
+                    v.split(" ", 1)[-1] for k, v in tags.items() if k.startswith(USER_TAG_PREFIX)
+                )
+            ),
+            health="; ".join(f"{i.get('code')}: {i.get('message')}" for i in issues),
+        )
+
+    def _combined(
+        self, request: NodeGroupRequest, tags: Mapping[str, str], exclude: str
+    ) -> NodeGroupRequest:
+        others = [
+            _parse_user_value(request, value)
+            for key, value in tags.items()
+            if key.startswith(USER_TAG_PREFIX) and key != exclude
+        ]
+        zero = replace(request, max_size=0, desired_size=0, disk_size_gib=0)
+        combined = merge_node_group_requests([request, *others]) if others else [request]
+        merged = combined[0] if combined else zero
+        return replace(merged, max_size=max(merged.max_size, merged.min_size, 1))
+
+    def ensure(self, request: NodeGroupRequest, namespace: str, name: str) -> NodeGroupState:
+        """Create the group, or record this user and resize it to all its users' needs."""
+        key = user_tag(namespace, name)
+        group = self._describe(request.name)
+        if group is None:
+            if not self.config.subnet_ids or not self.config.node_role:
+                raise NodeGroupError(
+                    f"node group {request.name}: MODELSHIP_SUBNET_IDS and MODELSHIP_NODE_ROLE must "
+                    "be set to create EKS managed node groups."
+                )
+            sized = replace(request, max_size=max(request.max_size, 1))
+            self.client.create_nodegroup(
+                clusterName=self.config.cluster_name,
+                nodegroupName=request.name,
+                scalingConfig={
+                    "minSize": sized.min_size,
+                    "maxSize": sized.max_size,
+                    "desiredSize": sized.desired_size,
+                },
+                diskSize=request.disk_size_gib,
+                subnets=list(self.config.subnet_ids),
+                instanceTypes=list(request.instance_types),
+                amiType=request.ami_type,
+                nodeRole=self.config.node_role,
+                labels=dict(request.labels),
+                taints=[dict(t) for t in request.taints],
+                capacityType=request.capacity_type,
+                tags={MANAGED_TAG: "modelship", key: _user_value(request, namespace, name)},
+            )
+        else:
+            self.client.tag_resource(
+                resourceArn=group["nodegroupArn"], tags={key: _user_value(request, namespace, name)}
+            )
+            self._resize(group, self._combined(request, group.get("tags") or {}, exclude=key))
+            self._relabel(group, request)
+        state = self.state(request.name)
+        assert state is not None
+        return state
+
+    def _resize(self, group: Mapping[str, Any], wanted: NodeGroupRequest) -> None:
+        scaling = group.get("scalingConfig") or {}
+        target = {
+            "minSize": wanted.min_size,
+            "maxSize": wanted.max_size,
+            "desiredSize": wanted.desired_size,
+        }
+        if all(scaling.get(k) == v for k, v in target.items()):
+            return
+        self.client.update_nodegroup_config(
+            clusterName=self.config.cluster_name,
+            nodegroupName=group["nodegroupName"],
+            scalingConfig=target,
+        )
+
+    def _relabel(self, group: Mapping[str, Any], request: NodeGroupRequest) -> None:
+        labels = dict(group.get("labels") or {})
+        taints = [dict(t) for t in group.get("taints") or []]
+        wanted_taints = [dict(t) for t in request.taints]
+        update: dict[str, Any] = {}
+        if labels != request.labels:
+            removed = [k for k in labels if k not in request.labels]
+            update["labels"] = {"addOrUpdateLabels": dict(request.labels)}
+            if removed:
+                update["labels"]["removeLabels"] = removed
+        if sorted(map(str, taints)) != sorted(map(str, wanted_taints)):
+            update["taints"] = {"addOrUpdateTaints": wanted_taints}
+            removed_taints = [t for t in taints if t not in wanted_taints]
+            if removed_taints:
+                update["taints"]["removeTaints"] = removed_taints
+        if update:
+            self.client.update_nodegroup_config(
+                clusterName=self.config.cluster_name, nodegroupName=group["nodegroupName"], **update
+            )
+
+    def release(self, namespace: str, name: str, keep: str | None = None) -> list[str]:
+        """Drop this user from every group but `keep`; delete groups left without users,
+        shrink the others. Returns the groups deleted."""
+        key = user_tag(namespace, name)
+        deleted = []
+        paginator = self.client.get_paginator("list_nodegroups")
+        for page in paginator.paginate(clusterName=self.config.cluster_name):
+            for group_name in page.get("nodegroups", []):
+                if group_name == keep:
+                    continue
+                group = self._describe(group_name)
+                tags = (group or {}).get("tags") or {}
+                if group is None or key not in tags:
+                    continue
+                self.client.untag_resource(resourceArn=group["nodegroupArn"], tagKeys=[key])
+                others = {
+                    k: v for k, v in tags.items() if k.startswith(USER_TAG_PREFIX) and k != key
+                }
+                if not others:
+                    self.client.delete_nodegroup(
+                        clusterName=self.config.cluster_name, nodegroupName=group_name
+                    )
+                    deleted.append(group_name)
+                    continue
+                first_key, first_value = next(iter(others.items()))
+                scaling = group.get("scalingConfig") or {}
+                base = NodeGroupRequest(
+                    name=group_name,
+                    instance_types=list(group.get("instanceTypes") or []),
+                    capacity_type=str(group.get("capacityType")),
+                    ami_type=str(group.get("amiType")),
+                    disk_size_gib=int(group.get("diskSize") or 0),
+                    min_size=int(scaling.get("minSize", 0)),
+                    max_size=0,
+                    desired_size=0,
+                )
+                wanted = self._combined(
+                    _parse_user_value(base, first_value), others, exclude=first_key
+                )
+                self._resize(group, wanted)
+        return deleted
