@@ -62,6 +62,7 @@ GENERATION_ANNOTATION = "modelship.dev/generation"
 # worst, seconds typically) finish while the endpoint no longer receives new requests.
 TERMINATION_GRACE_SECONDS = 120
 PRE_STOP_SLEEP_SECONDS = 15  # endpoints and kube-proxy rules drop the pod before vLLM stops
+STOP_MARGIN_SECONDS = 10  # the runtime kills vLLM this long before the kubelet would
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_MARGIN_SECONDS = 300  # image pull and scheduling noise on top of twice the estimate
 KV_CACHE_SCALE_THRESHOLD = "0.85"
@@ -220,7 +221,17 @@ def runtime_args(
         args += ["--mount-root", MOUNT_ROOT]
     if placement.accelerator_vendor != "nvidia" and config.neuron_cache_uri:
         args += ["--neuron-cache", config.neuron_cache_uri]
-    args += ["--device", _device(placement)]
+    args += [
+        "--device",
+        _device(placement),
+        # The runtime's own limits, matched to what the kubelet allows (startup probe, grace).
+        "--ready-timeout-seconds",
+        str(_startup_allowance_seconds(placement)),
+        "--stop-grace-seconds",
+        str(TERMINATION_GRACE_SECONDS - PRE_STOP_SLEEP_SECONDS - STOP_MARGIN_SECONDS),
+        "--predicted-kv-cache-tokens",
+        str(placement.kv_cache_tokens),
+    ]
     if role is not None:
         # Multi-node: the leader starts the Ray head and waits for `nodes` members before vLLM;
         # workers fetch the same weights, then join the leader's Ray cluster.
@@ -294,10 +305,14 @@ def _env(config: OperatorConfig) -> list[dict[str, Any]]:
     return env
 
 
+def _startup_allowance_seconds(placement: Placement) -> int:
+    """Twice the predicted node-ready-to-serving time, plus a margin."""
+    return 2 * placement.estimated_ready_seconds + STARTUP_MARGIN_SECONDS
+
+
 def _startup_failure_threshold(placement: Placement) -> int:
-    """Startup probe attempts: twice the predicted node-ready-to-serving time, plus a margin."""
-    allowance = 2 * placement.estimated_ready_seconds + STARTUP_MARGIN_SECONDS
-    return max(3, math.ceil(allowance / STARTUP_PERIOD_SECONDS))
+    """Startup probe attempts covering the whole startup allowance."""
+    return max(3, math.ceil(_startup_allowance_seconds(placement) / STARTUP_PERIOD_SECONDS))
 
 
 def _http_probes(placement: Placement) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from modelship.operator.render import (
     render,
     render_documents,
 )
+from modelship.runtime.main import parse_args
 
 from tests.unit.schemas import SchemaError, unchecked_cel_rules, validate_object
 
@@ -495,6 +496,12 @@ def test_runtime_args_for_s3_gpu() -> None:
         "9400",
         "--device",
         "cuda",
+        "--ready-timeout-seconds",
+        str(2 * 240 + 300),
+        "--stop-grace-seconds",
+        "95",
+        "--predicted-kv-cache-tokens",
+        "100000",
     ]
     # The plan's engine arguments first, then the user's.
     assert args[split + 1 :] == [*LLAMA_8B_L4.engine_args, "--enable-prefix-caching"]
@@ -945,3 +952,95 @@ def test_render_is_deterministic() -> None:
     assert render_documents(ref, LLAMA_405B_H100, CONFIG) == render_documents(
         ref, LLAMA_405B_H100, CONFIG
     )
+
+
+SINGLE_NODE = [name for name, (_, place, _) in SCENARIOS.items() if place.nodes == 1]
+
+
+@pytest.mark.parametrize("scenario", SINGLE_NODE)
+def test_the_runtime_accepts_the_rendered_command_line(
+    rendered: dict[str, Rendered], scenario: str
+) -> None:
+    ref, place, _ = SCENARIOS[scenario]
+    (pod,) = pod_specs(rendered[scenario])
+    container = runtime(pod)
+    args, engine_args = parse_args(container["args"], env={})
+    assert args.source == ref.spec.model.uri
+    assert str(args.model_dir) == f"/models/{ref.name}"
+    assert args.port == 8000 and args.metrics_port == 9400
+    assert args.device == ("cuda" if place.accelerator_vendor == "nvidia" else "neuron")
+    assert args.predicted_kv_cache_tokens == place.kv_cache_tokens
+    # The runtime gives up on vLLM no later than the startup probe would kill it, and stops
+    # vLLM before the kubelet's grace period (minus the preStop sleep) runs out.
+    startup = container["startupProbe"]
+    assert args.ready_timeout_seconds <= startup["failureThreshold"] * startup["periodSeconds"]
+    assert args.stop_grace_seconds < pod["terminationGracePeriodSeconds"] - 15
+    assert engine_args[: len(place.engine_args)] == place.engine_args
+    # The neuron compile artifacts land on the cache volume.
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert any(str(args.neuron_artifacts_dir).startswith(path) for path in mounts)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime/main.py has no --role/--nodes/--leader-address yet (multi-node on LWS)",
+)
+def test_the_runtime_accepts_the_multi_node_command_lines(rendered: dict[str, Rendered]) -> None:
+    leader, worker = pod_specs(rendered["multi-node-keda"])
+    leader_args, _ = parse_args(runtime(leader)["args"], env={})
+    worker_args, _ = parse_args(runtime(worker)["args"], env={})
+    assert (leader_args.role, worker_args.role) == ("leader", "worker")
+    assert leader_args.nodes == worker_args.nodes == 2
+    assert worker_args.leader_address == "$(LWS_LEADER_ADDRESS)"
+
+
+class TestWithTheRealSizingEngine:
+    """Placements straight from make_plan (the built-in catalog), rendered and validated."""
+
+    @pytest.mark.parametrize(
+        ("model_config", "parameters", "accelerator", "expect_nodes"),
+        [
+            ("LLAMA_3_8B", 8_030_261_248, {}, 1),
+            ("LLAMA_3_70B", 70_553_706_496, {}, 1),
+            ("LLAMA_3_1_405B", 405_853_388_800, {"instanceTypes": ["p5.48xlarge"]}, 2),
+            ("LLAMA_3_8B", 8_030_261_248, {"family": "inferentia"}, 1),
+            ("LLAMA_3_70B", 70_553_706_496, {"family": "trainium"}, 1),
+        ],
+    )
+    def test_sized_placements_render_valid_objects(
+        self,
+        model_config: str,
+        parameters: int,
+        accelerator: dict[str, Any],
+        expect_nodes: int,
+    ) -> None:
+        from modelship.operator.catalog import load_catalog
+        from modelship.operator.modelinfo import model_info_from_config
+        from modelship.operator.sizing import make_plan
+
+        from . import configs
+
+        info = model_info_from_config(
+            getattr(configs, model_config), weights=None, parameters=parameters, files=None
+        )
+        body = {
+            "model": {"uri": "s3://models-prod/model/"},
+            "accelerator": accelerator,
+            "replicas": {"min": 0, "max": 2},
+        }
+        plan = make_plan(info, load_spec(body), load_catalog())
+        assert plan.chosen is not None, plan.suggestions
+        ref = ModelDeploymentRef(
+            name="sized", namespace="serving", uid=UID, generation=1, spec=load_spec(body)
+        )
+        result = render(ref, plan.chosen, CONFIG)
+        assert plan.chosen.nodes == expect_nodes
+        for obj in [*result.node_pool_objects, *result.children]:
+            validate_object(obj)
+        container = runtime(pod_specs(result)[0])
+        assert container["resources"]["limits"] == {
+            plan.chosen.resource_name: str(plan.chosen.resource_count)
+        }
+        if plan.chosen.nodes == 1:
+            _, engine_args = parse_args(container["args"], env={})
+            assert engine_args == plan.chosen.engine_args
