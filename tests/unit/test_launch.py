@@ -286,3 +286,42 @@ def test_wait_until_healthy_reports_an_early_exit() -> None:
     with pytest.raises(LaunchError, match=r"(?s)exited with code 3.*ValueError: bad model"):
         process.wait_until_healthy(30, interval_seconds=0.1)
     assert json.dumps(process.tail)  # the tail is plain text, ready for the status file
+
+
+# The entry point's options (runtime/main.py), which end up in LaunchSpec.
+
+
+def test_entry_point_options_from_argv_and_env() -> None:
+    from modelship.runtime.main import parse_args
+
+    env = {
+        "MODELSHIP_RUNTIME_SOURCE": "s3://models/llama-3-8b/",
+        "MODELSHIP_RUNTIME_MODEL_DIR": "/models/m",
+        "MODELSHIP_RUNTIME_TRUST_PICKLE": "true",
+        "MODELSHIP_RUNTIME_PORT": "8080",
+        "MODELSHIP_RUNTIME_ENGINE_ARGS": '["--max-model-len", "4096", "--max-num-seqs", "8"]',
+    }
+    args, engine_args = parse_args([], env)
+    assert args.source == "s3://models/llama-3-8b/"
+    assert str(args.model_dir) == "/models/m"
+    assert args.served_model_name == "llama-3-8b"
+    assert args.trust_pickle is True
+    assert args.port == 8080
+    assert args.device == "cuda"
+    assert engine_args == ["--max-model-len", "4096", "--max-num-seqs", "8"]
+
+    args, engine_args = parse_args(
+        ["--port", "9000", "--device", "cpu", "--", "--dtype", "bf16"], env
+    )
+    assert (args.port, args.device) == (9000, "cpu")  # the command line wins
+    assert engine_args == ["--dtype", "bf16"]
+
+    env["MODELSHIP_RUNTIME_ENGINE_ARGS"] = "--max-model-len 2048 --enforce-eager"
+    assert parse_args([], env)[1] == ["--max-model-len", "2048", "--enforce-eager"]
+
+
+def test_entry_point_requires_a_source() -> None:
+    from modelship.runtime.main import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model-dir", "/m"], {})
