@@ -31,10 +31,11 @@ KARPENTER_API = "karpenter.sh/v1"
 NODE_CLASS_GROUP = "karpenter.k8s.aws"
 NODE_CLASS_API = f"{NODE_CLASS_GROUP}/v1"
 
-# The EKS-optimized Amazon Linux 2023 AMI. For accelerated instance types Karpenter resolves the
-# alias to the accelerated variant (NVIDIA for g/p, Neuron for inf/trn): Karpenter docs,
-# "NodeClasses > amiSelectorTerms > alias", and the AWS karpenter-blueprints NVIDIA and Neuron
-# workload blueprints ("Karpenter automatically selects the appropriate Amazon EKS AMI").
+# The EKS-optimized Amazon Linux 2023 AMI. For the alias Karpenter looks up the standard, NVIDIA
+# and Neuron x86_64 variants and gives each AMI its variant's instance requirements, so g/p types
+# boot the NVIDIA image and inf/trn types the Neuron one (aws/karpenter-provider-aws,
+# pkg/providers/amifamily/al2023.go, AL2023.DescribeImageQuery; also the AWS karpenter-blueprints
+# "nvidia-gpu-workload" and "neuron-workload"). Pin a version (al2023@v2025...) to control drift.
 AMI_ALIAS = "al2023@latest"
 ROOT_DEVICE = "/dev/xvda"  # the AL2023 EKS AMI's root device
 
