@@ -174,7 +174,10 @@ def _ec2_node_class(placement: Placement, config: OperatorConfig, pool: str) -> 
             "needs the cluster's discovery tag and the nodes' IAM role), or set "
             "MODELSHIP_NODE_CLASS_NAME to an existing EC2NodeClass."
         )
-    discovery = [{"tags": {"karpenter.sh/discovery": config.cluster_name}}]
+
+    def discovery() -> list[dict[str, Any]]:
+        return [{"tags": {"karpenter.sh/discovery": config.cluster_name}}]
+
     return {
         "apiVersion": NODE_CLASS_API,
         "kind": "EC2NodeClass",
@@ -182,8 +185,8 @@ def _ec2_node_class(placement: Placement, config: OperatorConfig, pool: str) -> 
         "spec": {
             "role": config.node_role,
             "amiSelectorTerms": [{"alias": AMI_ALIAS}],
-            "subnetSelectorTerms": discovery,
-            "securityGroupSelectorTerms": discovery,
+            "subnetSelectorTerms": discovery(),
+            "securityGroupSelectorTerms": discovery(),
             # Local NVMe (p4de, p5, g6, g6e, trn1) striped into the kubelet's ephemeral storage,
             # which the model emptyDir lives on.
             "instanceStorePolicy": "RAID0",

@@ -247,7 +247,8 @@ def runtime_args(
 
 def _shm_bytes(placement: Placement) -> int:
     # NCCL and vLLM's worker processes exchange through /dev/shm: 1 GiB + 1 GiB per local rank.
-    local_ranks = max(1, math.ceil(placement.tensor_parallel_size / placement.nodes))
+    world_size = placement.tensor_parallel_size * placement.pipeline_parallel_size
+    local_ranks = max(1, math.ceil(world_size / placement.nodes))
     return min(1 + local_ranks, 16) * GIB
 
 
@@ -315,26 +316,29 @@ def _startup_failure_threshold(placement: Placement) -> int:
     return max(3, math.ceil(_startup_allowance_seconds(placement) / STARTUP_PERIOD_SECONDS))
 
 
+def _health() -> dict[str, Any]:
+    return {"path": "/health", "port": "http"}
+
+
 def _http_probes(placement: Placement) -> dict[str, Any]:
-    health = {"path": "/health", "port": "http"}
     return {
         # The runtime downloads, verifies and (on Neuron) compiles before /health answers; the
         # startup probe holds liveness off for that whole time.
         "startupProbe": {
-            "httpGet": health,
+            "httpGet": _health(),
             "periodSeconds": STARTUP_PERIOD_SECONDS,
             "timeoutSeconds": 5,
             "failureThreshold": _startup_failure_threshold(placement),
         },
         "readinessProbe": {
-            "httpGet": health,
+            "httpGet": _health(),
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 3,
         },
         # A busy engine can be slow to answer; a minute of failures means it is wedged.
         "livenessProbe": {
-            "httpGet": health,
+            "httpGet": _health(),
             "periodSeconds": 15,
             "timeoutSeconds": 10,
             "failureThreshold": 4,

@@ -524,7 +524,7 @@ def test_fsx_source_is_used_in_place_from_a_read_only_claim(rendered: dict[str, 
     assert "models" not in volumes
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "model-source"]
     assert mount == {"name": "model-source", "mountPath": "/mnt/model-source", "readOnly": True}
-    # TP8 on one node: /dev/shm grows with the ranks.
+    # TP8 on one node: /dev/shm grows with the ranks (1 GiB + 1 GiB per local rank).
     assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "9Gi"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
 
@@ -637,6 +637,10 @@ def test_multi_node_renders_a_leader_worker_set(rendered: dict[str, Rendered]) -
         assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
         assert arg_value(container["args"], "--source").startswith("s3://")
     assert "startupProbe" in leader and "readinessProbe" in leader
+    # TP8 x PP2 over two nodes: eight ranks on each node.
+    for pod in (template["leaderTemplate"]["spec"], template["workerTemplate"]["spec"]):
+        (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+        assert shm["emptyDir"]["sizeLimit"] == "9Gi"
     assert "readinessProbe" not in worker
     service = by_kind(result.children, "Service")
     assert service["spec"]["selector"]["modelship.dev/role"] == "leader"
@@ -945,6 +949,11 @@ def test_render_documents_is_a_yaml_stream_in_apply_order() -> None:
     ]
     text = yaml.safe_dump_all(documents, sort_keys=False)
     assert list(yaml.safe_load_all(text)) == documents
+    # No object shares a dict or list with another place: no YAML anchors, and a caller that
+    # edits one field (apply's merge) cannot change another.
+    for name, args in SCENARIOS.items():
+        dumped = yaml.safe_dump_all(render_documents(*args), sort_keys=False)
+        assert "&id" not in dumped and "*id" not in dumped, name
 
 
 def test_render_is_deterministic() -> None:
