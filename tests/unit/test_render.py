@@ -65,7 +65,7 @@ def placement(
     return Placement(
         instance_type=instance_type,
         accelerator_type=accelerator_type,
-        accelerator_vendor=vendor,  # type: ignore[arg-type]
+        accelerator_vendor=vendor,
         resource_name=resource_name
         or ("nvidia.com/gpu" if vendor == "nvidia" else "aws.amazon.com/neuron"),
         resource_count=resource_count,
