@@ -33,6 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ..operator.source import parse_source
+from .fetch import FetchReport, fetch_model
 from .launch import KvCacheCapacity, KvCacheGauge, LaunchError, LaunchSpec, VllmProcess
 from .metrics import RuntimeMetrics, start_metrics_server
 from .neuron_cache import NeuronCache, NeuronCacheError, cache_key_for
@@ -176,11 +178,9 @@ class StatusFile:
         os.replace(temporary, self.path)
 
 
-def _fetch(args: argparse.Namespace, metrics: RuntimeMetrics) -> Any:
-    from .fetch import fetch_model
-
+def _fetch(args: argparse.Namespace, metrics: RuntimeMetrics) -> FetchReport:
     return fetch_model(
-        args.source,
+        parse_source(args.source, field="--source"),
         args.model_dir,
         trust_pickle=args.trust_pickle,
         copy_to_local=args.copy_to_local,
@@ -235,6 +235,8 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
             "rate_bytes_per_second": round(report.rate_bytes_per_second),
             "cache_hits": report.cache_hits,
             "retries": report.retries,
+            "files_skipped": len(report.skipped),
+            "served_in_place": report.served_in_place,
         }
         log.info(
             "fetched %d bytes in %.2f s (%.1f MB/s), %d file(s) already local, %d retries",
