@@ -1,0 +1,1246 @@
+"""Fetch a model's files to where the engine reads them.
+
+    s3://bucket/prefix    parallel ranged GETs written straight into place (os.pwrite into a
+                          preallocated `<name>.partial`), resumable from a per-file journal of
+                          completed parts, verified against the store's checksum, renamed into
+                          place when complete; a file already complete is never fetched again.
+    fsx:// and efs://     the PersistentVolumeClaim is mounted at `mount_root`; the model is
+                          served in place, or copied to `dest` (same rules, size-verified).
+    file:///dir           served in place.
+
+Only the files the engine needs are taken (see `selection`); the rest are reported with a
+reason. Nothing is ever written outside `dest`, and never through a symlink.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from ..operator.source import LocalSource, ModelSource, S3Source, VolumeSource
+from .metrics import RuntimeMetrics
+from .selection import (
+    SelectedFile,
+    Selection,
+    SelectionError,
+    SkippedFile,
+    UnsafeKeyError,
+    relative_key,
+    safe_destination,
+    select_files,
+)
+
+MIB = 1024 * 1024
+MANIFEST_NAME = ".modelship-fetch.json"
+PARTIAL_SUFFIX = ".partial"
+JOURNAL_SUFFIX = ".partial.journal"
+_JOURNAL_VERSION = 1
+# Error codes S3 (and S3-compatible stores) use for "try again later".
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    HTTPClientError,  # read timeouts, connections closed mid-body, streaming errors
+    BotoConnectionError,
+    IncompleteReadError,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    TimeoutError,
+)
+
+VerifyMethod = Literal["md5", "md5-multipart", "sha256", "sha256-composite", "size"]
+
+log_ = logging.getLogger("modelship.runtime.fetch")
+
+
+class FetchError(RuntimeError):
+    """The model could not be fetched; the message names the object, the cause and what to check."""
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    """What a fetch did. `model_dir` is the directory to serve from."""
+
+    source_uri: str
+    model_dir: Path
+    served_in_place: bool
+    files: tuple[SelectedFile, ...]
+    fetched_files: tuple[str, ...]
+    skipped: tuple[SkippedFile, ...]
+    bytes_total: int
+    bytes_fetched: int
+    bytes_reused: int
+    seconds: float
+    rate_bytes_per_second: float
+    retries: int
+    cache_hits: int
+    verification_failures: int
+    verification: dict[str, VerifyMethod] = field(default_factory=dict)
+
+
+def fetch_model(
+    source: ModelSource,
+    dest: Path,
+    *,
+    trust_pickle: bool = False,
+    copy_to_local: bool = False,
+    mount_root: Path = Path("/mnt/model-source"),
+    endpoint_url: str | None = None,
+    max_connections: int = 16,
+    part_size_bytes: int = 16 * MIB,
+    progress_interval_seconds: float = 5.0,
+    metrics: RuntimeMetrics | None = None,
+    log: Callable[[str], None] = log_.info,
+    retry_attempts: int = 8,
+    retry_base_seconds: float = 0.2,
+) -> FetchReport:
+    """Make the model at `source` available locally and return where to serve it from.
+
+    S3 objects are downloaded into `dest`; volume sources are served in place under
+    `mount_root` (or copied into `dest` with `copy_to_local`); file:// is served in place.
+    `endpoint_url` overrides the S3 endpoint (AWS_ENDPOINT_URL is honoured by boto3 too).
+    Raises FetchError (or SelectionError for a source with nothing loadable) with a message
+    that names the object and the fix.
+    """
+    if max_connections < 1 or part_size_bytes < 1:
+        raise ValueError("max_connections and part_size_bytes must be positive.")
+    started = time.monotonic()
+    retry = _RetryPolicy(attempts=max(1, retry_attempts), base_seconds=retry_base_seconds)
+    if isinstance(source, S3Source):
+        return _fetch_s3(
+            source,
+            Path(dest),
+            trust_pickle=trust_pickle,
+            endpoint_url=endpoint_url,
+            max_connections=max_connections,
+            part_size_bytes=part_size_bytes,
+            progress_interval_seconds=progress_interval_seconds,
+            metrics=metrics,
+            log=log,
+            retry=retry,
+            started=started,
+        )
+    if isinstance(source, VolumeSource):
+        root = Path(mount_root) / source.path if source.path else Path(mount_root)
+        if not root.is_dir():
+            raise FetchError(
+                f"{source.uri}: {root} is not a directory. Check that the PersistentVolumeClaim "
+                f"{source.claim!r} is mounted at {mount_root} and holds the path {source.path!r}."
+            )
+        if copy_to_local:
+            return _copy_volume(
+                source.uri,
+                root,
+                Path(dest),
+                trust_pickle=trust_pickle,
+                max_connections=max_connections,
+                part_size_bytes=part_size_bytes,
+                progress_interval_seconds=progress_interval_seconds,
+                metrics=metrics,
+                log=log,
+                started=started,
+            )
+        return _serve_in_place(source.uri, root, trust_pickle, metrics, log, started)
+    if isinstance(source, LocalSource):
+        root = Path(source.path)
+        if not root.is_dir():
+            raise FetchError(f"{source.uri}: {root} is not a directory; check the model URI.")
+        return _serve_in_place(source.uri, root, trust_pickle, metrics, log, started)
+    raise TypeError(f"unsupported model source {source!r}")
+
+
+# --- listing and selection -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """One selected object: its key relative to the model root, size and version tag."""
+
+    key: str
+    size_bytes: int
+    version: str  # S3 ETag without quotes, or "mtime_ns:<n>" for a file on a volume
+
+
+def _walk_volume(root: Path) -> tuple[list[tuple[str, int]], list[SkippedFile]]:
+    listing: list[tuple[str, int]] = []
+    pruned: list[SkippedFile] = []
+    for directory, dirnames, filenames in os.walk(root):
+        base = Path(directory)
+        for name in list(dirnames):
+            if name.startswith("."):
+                # .git and caches can hold thousands of objects; do not walk them.
+                dirnames.remove(name)
+                key = (base / name).relative_to(root).as_posix() + "/"
+                pruned.append(SkippedFile(key, 0, "hidden", "hidden or version-control directory"))
+        for name in filenames:
+            path = base / name
+            try:
+                size_bytes = path.stat().st_size
+            except OSError as error:
+                raise FetchError(f"{path}: cannot be read ({error}); check the volume.") from None
+            listing.append((path.relative_to(root).as_posix(), size_bytes))
+    return listing, pruned
+
+
+def _record_skips(selection: Selection, metrics: RuntimeMetrics | None) -> None:
+    if metrics is None:
+        return
+    for skipped in selection.skipped:
+        metrics.fetch_files_skipped.labels(reason=skipped.reason).inc()
+
+
+def _serve_in_place(
+    uri: str,
+    root: Path,
+    trust_pickle: bool,
+    metrics: RuntimeMetrics | None,
+    log: Callable[[str], None],
+    started: float,
+) -> FetchReport:
+    listing, pruned = _walk_volume(root)
+    selection = select_files(listing, trust_pickle=trust_pickle)
+    selection = Selection(selection.files, selection.skipped + tuple(pruned))
+    _record_skips(selection, metrics)
+    seconds = time.monotonic() - started
+    if metrics is not None:
+        metrics.fetch_expected_bytes.set(selection.total_bytes)
+        metrics.fetch_seconds.set(seconds)
+    log(
+        f"serving {uri} in place from {root}: {len(selection.files)} files, "
+        f"{_fmt_bytes(selection.total_bytes)}; {_fmt_skipped(selection.skipped)}"
+    )
+    return FetchReport(
+        source_uri=uri,
+        model_dir=root,
+        served_in_place=True,
+        files=selection.files,
+        fetched_files=(),
+        skipped=selection.skipped,
+        bytes_total=selection.total_bytes,
+        bytes_fetched=0,
+        bytes_reused=0,
+        seconds=seconds,
+        rate_bytes_per_second=0.0,
+        retries=0,
+        cache_hits=0,
+        verification_failures=0,
+    )
+
+
+# --- the manifest of completed files -------------------------------------------------------
+
+
+class _Manifest:
+    """`dest/.modelship-fetch.json`: key -> size, version and how it was verified."""
+
+    def __init__(self, dest: Path) -> None:
+        self.path = dest / MANIFEST_NAME
+        self.lock = threading.Lock()
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path.is_symlink():
+            raise FetchError(f"{self.path}: is a symlink; remove it (modelship never follows one).")
+        if self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+                if isinstance(loaded, dict) and isinstance(loaded.get("files"), dict):
+                    self.entries = loaded["files"]
+            except (OSError, ValueError):
+                # An unreadable manifest only costs a re-download; never trust it partially.
+                self.entries = {}
+
+    def is_complete(self, remote: _Remote, path: Path) -> bool:
+        entry = self.entries.get(remote.key)
+        if not isinstance(entry, dict):
+            return False
+        if entry.get("size_bytes") != remote.size_bytes or entry.get("version") != remote.version:
+            return False
+        try:
+            stat = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        return (stat.st_mode & 0o170000) == 0o100000 and stat.st_size == remote.size_bytes
+
+    def record(self, remote: _Remote, verified: VerifyMethod) -> None:
+        with self.lock:
+            self.entries[remote.key] = {
+                "size_bytes": remote.size_bytes,
+                "version": remote.version,
+                "verified": verified,
+            }
+            self._write()
+
+    def forget(self, key: str) -> None:
+        with self.lock:
+            if self.entries.pop(key, None) is not None:
+                self._write()
+
+    def _write(self) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True))
+        os.replace(temporary, self.path)
+
+
+# --- checksums -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Checksum:
+    """How a completed file is verified: `segment_bytes` is the store's upload part size for
+    composite checksums (one digest per part), else the whole size."""
+
+    method: VerifyMethod
+    expected: str
+    segment_bytes: int
+
+    def new_hasher(self) -> Any:
+        return hashlib.sha256() if self.method.startswith("sha256") else hashlib.md5()
+
+    def combine(self, digests: list[bytes]) -> str:
+        if self.method == "md5":
+            return digests[0].hex()
+        if self.method == "sha256":
+            return base64.b64encode(digests[0]).decode()
+        if self.method == "md5-multipart":
+            return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+        if self.method == "sha256-composite":
+            combined = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
+            return f"{combined}-{len(digests)}"
+        return ""
+
+
+_SIZE_ONLY: VerifyMethod = "size"
+
+
+def _is_md5_hex(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower())
+
+
+# --- S3 ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RetryPolicy:
+    attempts: int
+    base_seconds: float
+    cap_seconds: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        # Exponential backoff with jitter: spreads retries of many threads after a throttle.
+        ceiling = min(self.cap_seconds, self.base_seconds * (2**attempt))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def _client_error_parts(error: ClientError) -> tuple[str, int]:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, ClientError):
+        code, status = _client_error_parts(error)
+        return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES
+    return isinstance(error, (*_TRANSIENT_ERRORS, _ShortRead))
+
+
+class _ShortRead(Exception):
+    """The response body ended before the requested range did."""
+
+
+def _explain(error: BaseException, what: str, bucket: str, key: str) -> str:
+    """A sentence for people: what failed and what to check."""
+    if isinstance(error, NoCredentialsError):
+        return (
+            f"{what}: no AWS credentials. The runtime uses the standard chain only: give the "
+            "pod's ServiceAccount an IAM role (IRSA or EKS Pod Identity), or set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for a local run."
+        )
+    if isinstance(error, ClientError):
+        code, status = _client_error_parts(error)
+        if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+            return (
+                f"{what}: access denied ({code}). The pod's IAM role needs s3:ListBucket on "
+                f"arn:aws:s3:::{bucket} and s3:GetObject on arn:aws:s3:::{bucket}/{key}*; "
+                "for SSE-KMS objects also kms:Decrypt on the key."
+            )
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"{what}: the credentials were rejected ({code}); check the pod's IAM role."
+        if code == "NoSuchBucket":
+            return f"{what}: bucket {bucket!r} does not exist; check spec.model.uri."
+        if code in ("NoSuchKey", "404"):
+            return f"{what}: the object disappeared after it was listed; re-run the fetch."
+        if code == "PreconditionFailed" or status == 412:
+            return (
+                f"{what}: the object changed while it was being fetched (its ETag no longer "
+                "matches); wait for the upload to finish, then re-run."
+            )
+        return f"{what}: the store answered {status} {code}: {error}"
+    return f"{what}: {type(error).__name__}: {error}"
+
+
+def _make_client(endpoint_url: str | None, max_connections: int) -> Any:
+    config = Config(
+        max_pool_connections=max_connections + 2,
+        # Some stores send the whole object's CRC on ranged GETs; we verify whole files ourselves.
+        response_checksum_validation="when_required",
+        request_checksum_calculation="when_required",
+        retries={"total_max_attempts": 1, "mode": "standard"},  # we retry with our own backoff
+        tcp_keepalive=True,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+class _Counters:
+    """Thread-safe tallies shared by the workers."""
+
+    def __init__(self, metrics: RuntimeMetrics | None) -> None:
+        self.lock = threading.Lock()
+        self.metrics = metrics
+        self.bytes_fetched = 0
+        self.bytes_reused = 0
+        self.retries = 0
+        self.verification_failures = 0
+
+    def add_bytes(self, count: int) -> None:
+        with self.lock:
+            self.bytes_fetched += count
+        if self.metrics is not None:
+            self.metrics.fetch_bytes.inc(count)
+
+    def add_reused(self, count: int) -> None:
+        with self.lock:
+            self.bytes_reused += count
+
+    def add_retry(self) -> None:
+        with self.lock:
+            self.retries += 1
+        if self.metrics is not None:
+            self.metrics.fetch_retries.inc()
+
+    def add_verification_failure(self) -> None:
+        with self.lock:
+            self.verification_failures += 1
+        if self.metrics is not None:
+            self.metrics.fetch_verification_failures.inc()
+
+
+class _Reader(Protocol):
+    """Reads bytes [start, end) of one remote file into `buffer`."""
+
+    def read_into(self, remote: _Remote, start: int, buffer: memoryview) -> None: ...
+
+
+class _S3Reader:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        retry: _RetryPolicy,
+        counters: _Counters,
+        abort: threading.Event,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.retry = retry
+        self.counters = counters
+        self.abort = abort
+
+    def call(self, what: str, key: str, operation: Callable[[], Any]) -> Any:
+        """Run `operation`, retrying transient errors with backoff; FetchError when it gives up."""
+        last: BaseException | None = None
+        for attempt in range(self.retry.attempts):
+            if self.abort.is_set():
+                raise _Aborted()
+            try:
+                return operation()
+            except (
+                ClientError,
+                BotoCoreError,
+                urllib3.exceptions.HTTPError,
+                OSError,
+                _ShortRead,
+            ) as error:
+                if not _is_transient(error):
+                    raise FetchError(
+                        _explain(error, what, self.bucket, self.prefix + key)
+                    ) from None
+                last = error
+                if attempt + 1 < self.retry.attempts:
+                    self.counters.add_retry()
+                    time.sleep(self.retry.delay(attempt))
+        assert last is not None
+        raise FetchError(
+            f"{what}: still failing after {self.retry.attempts} attempts "
+            f"({type(last).__name__}: {last}). Check the endpoint, the network path to the store "
+            "and the store's health (throttling: spread the load or raise the request rate limit)."
+        ) from None
+
+    def read_into(self, remote: _Remote, start: int, buffer: memoryview) -> None:
+        end = start + len(buffer)
+        key = self.prefix + remote.key
+
+        def get() -> None:
+            response = self.client.get_object(
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{end - 1}",
+                IfMatch=f'"{remote.version}"',
+            )
+            body = response["Body"]
+            try:
+                filled = 0
+                while filled < len(buffer):
+                    count = body.readinto(buffer[filled:])
+                    if not count:
+                        raise _ShortRead(
+                            f"body ended at {start + filled} of bytes {start}-{end - 1}"
+                        )
+                    filled += count
+            finally:
+                body.close()
+
+        self.call(f"s3://{self.bucket}/{key} bytes {start}-{end - 1}", remote.key, get)
+
+
+class _VolumeReader:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read_into(self, remote: _Remote, start: int, buffer: memoryview) -> None:
+        path = self.root / remote.key
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                filled = 0
+                while filled < len(buffer):
+                    count = os.preadv(fd, [buffer[filled:]], start + filled)
+                    if not count:
+                        raise FetchError(
+                            f"{path}: ended at byte {start + filled}, shorter than the "
+                            f"{remote.size_bytes} bytes listed; is it being rewritten?"
+                        )
+                    filled += count
+            finally:
+                os.close(fd)
+        except OSError as error:
+            raise FetchError(f"{path}: cannot be read ({error}); check the volume mount.") from None
+
+
+class _Aborted(Exception):
+    """Another worker failed; stop quietly."""
+
+
+# --- one file's download -----------------------------------------------------------------------
+
+
+@dataclass
+class _Segment:
+    """A stretch of the file hashed in order (the whole file, or one upload part)."""
+
+    parts: list[int]
+    hasher: Any
+    cursor: int = 0
+    digest: bytes | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _FileJob:
+    """Download of one file into `<name>.partial`, with its journal of completed parts."""
+
+    def __init__(
+        self,
+        remote: _Remote,
+        final_path: Path,
+        checksum: _Checksum,
+        part_size_bytes: int,
+        attempt: int = 0,
+    ) -> None:
+        self.remote = remote
+        self.final_path = final_path
+        self.partial_path = final_path.with_name(final_path.name + PARTIAL_SUFFIX)
+        self.journal_path = final_path.with_name(final_path.name + JOURNAL_SUFFIX)
+        self.checksum = checksum
+        self.part_size_bytes = part_size_bytes
+        self.attempt = attempt
+        self.lock = threading.Lock()
+        self.parts: list[tuple[int, int]] = []
+        self.segment_of_part: list[int] = []
+        self.segments: list[_Segment] = []
+        segment_bytes = checksum.segment_bytes if checksum.segment_bytes > 0 else remote.size_bytes
+        segment_start = 0
+        while segment_start < remote.size_bytes or not self.segments:
+            segment_end = min(remote.size_bytes, segment_start + max(1, segment_bytes))
+            segment = _Segment(parts=[], hasher=checksum.new_hasher())
+            start = segment_start
+            while start < segment_end:
+                end = min(segment_end, start + part_size_bytes)
+                segment.parts.append(len(self.parts))
+                self.parts.append((start, end))
+                self.segment_of_part.append(len(self.segments))
+                start = end
+            self.segments.append(segment)
+            segment_start = segment_end
+            if remote.size_bytes == 0:
+                break
+        self.done: set[int] = set()
+        self.resumed_bytes = 0
+        self.fd: int | None = None
+        self.journal_fd: int | None = None
+        self.finished = False
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "journal": _JOURNAL_VERSION,
+            "size_bytes": self.remote.size_bytes,
+            "version": self.remote.version,
+            "part_size_bytes": self.part_size_bytes,
+            "segment_bytes": self.checksum.segment_bytes,
+        }
+
+    def load_journal(self) -> None:
+        """Mark the parts a previous, interrupted run completed (same object, same layout)."""
+        try:
+            if self.partial_path.is_symlink() or self.journal_path.is_symlink():
+                raise UnsafeKeyError(
+                    f"{self.partial_path}: symlink in the model directory; refused."
+                )
+            if os.stat(self.partial_path).st_size != self.remote.size_bytes:
+                return
+            lines = self.journal_path.read_text().splitlines()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return
+        if not lines:
+            return
+        try:
+            if json.loads(lines[0]) != self.header():
+                return
+            indices = {int(line) for line in lines[1:] if line.strip()}
+        except ValueError:
+            return
+        self.done = {index for index in indices if 0 <= index < len(self.parts)}
+        self.resumed_bytes = sum(self.parts[i][1] - self.parts[i][0] for i in self.done)
+
+    def reserved_bytes(self) -> int:
+        """Disk bytes this file still needs."""
+        return self.remote.size_bytes - (self.resumed_bytes if self.done else 0)
+
+    def open(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not self.done:
+            flags |= os.O_TRUNC
+        self.fd = os.open(self.partial_path, flags, 0o644)
+        if not self.done:
+            try:
+                os.posix_fallocate(self.fd, 0, max(1, self.remote.size_bytes))
+            except OSError as error:
+                if error.errno == 28:  # ENOSPC
+                    raise FetchError(
+                        f"{self.partial_path}: no space left to allocate "
+                        f"{self.remote.size_bytes} bytes; give the pod a larger volume."
+                    ) from None
+                # File systems without fallocate (some network ones): a sparse file will do.
+            os.ftruncate(self.fd, self.remote.size_bytes)
+            journal_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.journal_fd = os.open(self.journal_path, journal_flags, 0o644)
+            os.write(self.journal_fd, (json.dumps(self.header()) + "\n").encode())
+            os.close(self.journal_fd)
+        self.journal_fd = os.open(
+            self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+
+    def close(self) -> None:
+        for fd in (self.fd, self.journal_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = None
+        self.journal_fd = None
+
+    def discard(self) -> None:
+        self.close()
+        for path in (self.partial_path, self.journal_path):
+            path.unlink(missing_ok=True)
+
+
+# --- the parallel engine -----------------------------------------------------------------------
+
+
+class _Engine:
+    """Runs the parts of many files on one bounded pool of workers (one connection each)."""
+
+    def __init__(
+        self,
+        reader: _Reader,
+        manifest: _Manifest,
+        counters: _Counters,
+        abort: threading.Event,
+        workers: int,
+        part_size_bytes: int,
+        uri: str,
+    ) -> None:
+        self.uri = uri
+        self.reader = reader
+        self.manifest = manifest
+        self.counters = counters
+        self.abort = abort
+        self.part_size_bytes = part_size_bytes
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+        self.condition = threading.Condition()
+        self.pending_files = 0
+        self.error: BaseException | None = None
+        self.local = threading.local()
+        self.fetched: list[str] = []
+        self.jobs: list[_FileJob] = []
+
+    def buffer(self, size: int) -> memoryview:
+        # One reusable buffer per worker: no per-part allocation of part-sized bytes.
+        current: bytearray | None = getattr(self.local, "buffer", None)
+        if current is None or len(current) < size:
+            current = bytearray(max(size, self.part_size_bytes))
+            self.local.buffer = current
+        return memoryview(current)[:size]
+
+    def submit(self, job: _FileJob) -> None:
+        with self.condition:
+            self.pending_files += 1
+            self.jobs.append(job)
+        job.open()
+        if job.done:
+            self.counters.add_reused(job.resumed_bytes)
+        todo = [index for index in range(len(job.parts)) if index not in job.done]
+        if not todo:
+            # Every part is on disk from an earlier run: hash what is there and finish.
+            self.pool.submit(self._guard, self._advance_all, job)
+        for index in todo:
+            self.pool.submit(self._guard, self._part, job, index)
+
+    def _guard(self, function: Callable[..., None], *args: Any) -> None:
+        try:
+            function(*args)
+        except _Aborted:
+            pass
+        except BaseException as error:
+            with self.condition:
+                if self.error is None:
+                    self.error = error
+                self.abort.set()
+                self.condition.notify_all()
+
+    def _part(self, job: _FileJob, index: int) -> None:
+        if self.abort.is_set():
+            raise _Aborted()
+        start, end = job.parts[index]
+        buffer = self.buffer(end - start)
+        if end > start:
+            self.reader.read_into(job.remote, start, buffer)
+            assert job.fd is not None and job.journal_fd is not None
+            written = 0
+            while written < len(buffer):
+                written += os.pwrite(job.fd, buffer[written:], start + written)
+            # Journal after the data: a part is recorded only once its bytes are in the file.
+            os.write(job.journal_fd, f"{index}\n".encode())
+            self.counters.add_bytes(end - start)
+        with job.lock:
+            job.done.add(index)
+        self._advance(job, job.segment_of_part[index], index, buffer)
+        self._maybe_finish(job)
+
+    def _advance_all(self, job: _FileJob) -> None:
+        for segment_index in range(len(job.segments)):
+            self._advance(job, segment_index, -1, None)
+        self._maybe_finish(job)
+
+    def _advance(
+        self, job: _FileJob, segment_index: int, own_index: int, own_data: memoryview | None
+    ) -> None:
+        """Hash the segment's completed parts in order; whoever holds the lock does the work."""
+        if job.checksum.method == _SIZE_ONLY:
+            return
+        segment = job.segments[segment_index]
+        while True:
+            if not segment.lock.acquire(blocking=False):
+                return
+            try:
+                while (
+                    segment.cursor < len(segment.parts)
+                    and segment.parts[segment.cursor] in job.done
+                ):
+                    index = segment.parts[segment.cursor]
+                    if index == own_index and own_data is not None:
+                        segment.hasher.update(own_data)
+                    else:
+                        start, end = job.parts[index]
+                        assert job.fd is not None
+                        segment.hasher.update(os.pread(job.fd, end - start, start))
+                    segment.cursor += 1
+                if segment.cursor == len(segment.parts) and segment.digest is None:
+                    segment.digest = segment.hasher.digest()
+            finally:
+                segment.lock.release()
+            # A part may have completed while we held the lock and found it taken: look again.
+            if (
+                segment.cursor == len(segment.parts)
+                or segment.parts[segment.cursor] not in job.done
+            ):
+                return
+
+    def _maybe_finish(self, job: _FileJob) -> None:
+        with job.lock:
+            if job.finished or len(job.done) != len(job.parts):
+                return
+            if job.checksum.method != _SIZE_ONLY and any(s.digest is None for s in job.segments):
+                return
+            job.finished = True
+        self._finish(job)
+
+    def _finish(self, job: _FileJob) -> None:
+        assert job.fd is not None
+        actual_size = os.fstat(job.fd).st_size
+        problem = None
+        if actual_size != job.remote.size_bytes:
+            problem = f"{actual_size} bytes on disk, {job.remote.size_bytes} expected"
+        elif job.checksum.method != _SIZE_ONLY:
+            actual = job.checksum.combine([s.digest for s in job.segments if s.digest is not None])
+            if actual != job.checksum.expected:
+                problem = f"{job.checksum.method} {actual}, the store says {job.checksum.expected}"
+        if problem is not None:
+            job.discard()
+            self.counters.add_verification_failure()
+            if job.attempt == 0:
+                log_.warning(
+                    "%s failed verification (%s); fetching it again", job.remote.key, problem
+                )
+                retry = _FileJob(
+                    job.remote, job.final_path, job.checksum, job.part_size_bytes, attempt=1
+                )
+                self.submit(retry)
+                self._file_done()
+                return
+            raise FetchError(
+                f"{self.uri}{job.remote.key}: failed verification twice ({problem}). The object in the "
+                "store may be corrupt or being rewritten, or something between the pod and the "
+                "store alters data; re-upload the file and check proxies."
+            )
+        job.close()
+        os.replace(job.partial_path, job.final_path)
+        job.journal_path.unlink(missing_ok=True)
+        self.manifest.record(job.remote, job.checksum.method)
+        with self.condition:
+            self.fetched.append(job.remote.key)
+        self._file_done()
+
+    def _file_done(self) -> None:
+        with self.condition:
+            self.pending_files -= 1
+            self.condition.notify_all()
+
+    def wait(self, tick: Callable[[], None], interval_seconds: float) -> None:
+        """Block until every file is done or one failed; call `tick` every interval."""
+        next_tick = time.monotonic() + interval_seconds
+        try:
+            while True:
+                with self.condition:
+                    if self.error is not None or self.pending_files == 0:
+                        break
+                    self.condition.wait(timeout=max(0.0, min(0.5, next_tick - time.monotonic())))
+                if time.monotonic() >= next_tick:
+                    tick()
+                    next_tick = time.monotonic() + interval_seconds
+        except BaseException:
+            self.abort.set()
+            raise
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for job in self.jobs:
+                job.close()  # after a failure; the partial files stay for the next run
+        if self.error is not None:
+            raise self.error
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def _fmt_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
+
+
+def _fmt_skipped(skipped: tuple[SkippedFile, ...]) -> str:
+    if not skipped:
+        return "nothing skipped"
+    reasons: dict[str, int] = {}
+    for item in skipped:
+        reasons[item.reason] = reasons.get(item.reason, 0) + 1
+    return (
+        f"{len(skipped)} skipped ("
+        + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+        + ")"
+    )
+
+
+class _Progress:
+    def __init__(
+        self,
+        uri: str,
+        total_bytes: int,
+        counters: _Counters,
+        metrics: RuntimeMetrics | None,
+        log: Callable[[str], None],
+    ) -> None:
+        self.uri = uri
+        self.total_bytes = total_bytes
+        self.counters = counters
+        self.metrics = metrics
+        self.log = log
+        self.last_time = time.monotonic()
+        self.last_bytes = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        fetched = self.counters.bytes_fetched
+        rate = (fetched - self.last_bytes) / max(1e-9, now - self.last_time)
+        self.last_time, self.last_bytes = now, fetched
+        done = fetched + self.counters.bytes_reused
+        remaining = max(0, self.total_bytes - done)
+        eta = f"{remaining / rate:.0f} s" if rate > 0 else "unknown"
+        if self.metrics is not None:
+            self.metrics.fetch_rate_bytes_per_second.set(rate)
+        percent = 100.0 * done / self.total_bytes if self.total_bytes else 100.0
+        self.log(
+            f"fetching {self.uri}: {_fmt_bytes(done)} / {_fmt_bytes(self.total_bytes)} "
+            f"({percent:.1f}%), {rate / 1e6:.1f} MB/s, ETA {eta}, {self.counters.retries} retries"
+        )
+
+
+# --- S3 fetch ----------------------------------------------------------------------------------
+
+
+def _list_s3(reader: _S3Reader, source: S3Source) -> list[_Remote]:
+    remotes: list[_Remote] = []
+    paginator = reader.client.get_paginator("list_objects_v2")
+
+    def pages() -> Iterator[dict[str, Any]]:
+        yield from paginator.paginate(Bucket=source.bucket, Prefix=source.prefix)
+
+    for page in reader.call(f"listing {source.uri}", "", lambda: list(pages())):
+        for item in page.get("Contents", []):
+            key = relative_key(item["Key"], source.prefix)
+            if not key:
+                continue  # the prefix's own "folder" placeholder
+            remotes.append(_Remote(key, int(item["Size"]), str(item.get("ETag", "")).strip('"')))
+    if not remotes:
+        raise FetchError(
+            f"{source.uri}: no objects under this prefix. Check spec.model.uri (bucket and "
+            "prefix) and that the pod's role may s3:ListBucket on it."
+        )
+    return remotes
+
+
+def _plan_checksum(
+    reader: _S3Reader, source: S3Source, remote: _Remote
+) -> tuple[_Remote, _Checksum]:
+    """Ask the store how the object can be verified: SHA-256 when it keeps one, else the ETag."""
+    key = source.prefix + remote.key
+    head = reader.call(
+        f"HEAD s3://{source.bucket}/{key}",
+        remote.key,
+        lambda: reader.client.head_object(Bucket=source.bucket, Key=key, ChecksumMode="ENABLED"),
+    )
+    etag = str(head.get("ETag", "")).strip('"')
+    size_bytes = int(head["ContentLength"])
+    current = _Remote(remote.key, size_bytes, etag)
+    if etag != remote.version or size_bytes != remote.size_bytes:
+        raise FetchError(
+            f"s3://{source.bucket}/{key}: changed between listing and fetch (ETag or size); "
+            "wait for the upload to finish, then re-run."
+        )
+    sha256 = head.get("ChecksumSHA256")
+    etag_is_md5 = head.get("ServerSideEncryption") not in (
+        "aws:kms",
+        "aws:kms:dsse",
+    ) and not head.get("SSECustomerAlgorithm")
+
+    def upload_part_bytes() -> int | None:
+        try:
+            first = reader.client.head_object(Bucket=source.bucket, Key=key, PartNumber=1)
+        except ClientError:
+            return None
+        return int(first["ContentLength"]) or None
+
+    if isinstance(sha256, str) and "-" not in sha256 and head.get("ChecksumType") != "COMPOSITE":
+        return current, _Checksum("sha256", sha256, size_bytes)
+    if etag_is_md5 and _is_md5_hex(etag):
+        return current, _Checksum("md5", etag.lower(), size_bytes)
+    if etag_is_md5 and "-" in etag and _is_md5_hex(etag.split("-")[0]):
+        part_bytes = upload_part_bytes()
+        if part_bytes:
+            return current, _Checksum("md5-multipart", etag.lower(), part_bytes)
+    if isinstance(sha256, str) and "-" in sha256:
+        part_bytes = upload_part_bytes()
+        if part_bytes:
+            return current, _Checksum("sha256-composite", sha256, part_bytes)
+    # SSE-KMS ETags are not MD5s and no checksum is stored: the size is all we can check.
+    return current, _Checksum(_SIZE_ONLY, "", size_bytes)
+
+
+def _check_disk_space(dest: Path, jobs: list[_FileJob]) -> None:
+    needed_bytes = sum(job.reserved_bytes() for job in jobs)
+    free_bytes = shutil.disk_usage(dest).free
+    if needed_bytes > free_bytes:
+        raise FetchError(
+            f"{dest}: not enough free space: {len(jobs)} files need {needed_bytes} more bytes "
+            f"({_fmt_bytes(needed_bytes)}) but {free_bytes} bytes ({_fmt_bytes(free_bytes)}) are "
+            "free. Give the pod a larger volume (local NVMe or a bigger emptyDir sizeLimit) or "
+            "free space in it."
+        )
+
+
+def _prepare_dest(dest: Path) -> Path:
+    if dest.is_symlink():
+        raise FetchError(f"{dest}: the model directory is a symlink; use a real directory.")
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest.resolve()
+
+
+def _remove_stale(dest: Path, manifest: _Manifest, selected: set[str]) -> None:
+    """Delete files an earlier fetch wrote that the model no longer has (a new model version);
+    left in place, vLLM would load stray shards."""
+    for key in [key for key in manifest.entries if key not in selected]:
+        with contextlib.suppress(UnsafeKeyError):
+            safe_destination(dest, key).unlink(missing_ok=True)
+        manifest.forget(key)
+
+
+def _run_transfer(
+    uri: str,
+    dest: Path,
+    remotes: list[_Remote],
+    selection: Selection,
+    reader: _Reader,
+    plan: Callable[[_Remote], tuple[_Remote, _Checksum]],
+    counters: _Counters,
+    abort: threading.Event,
+    *,
+    max_connections: int,
+    part_size_bytes: int,
+    progress_interval_seconds: float,
+    metrics: RuntimeMetrics | None,
+    log: Callable[[str], None],
+    started: float,
+) -> FetchReport:
+    """Shared by S3 and volume copies: cache check, space check, parallel transfer, report."""
+    _record_skips(selection, metrics)
+    if metrics is not None:
+        metrics.fetch_expected_bytes.set(selection.total_bytes)
+    manifest = _Manifest(dest)
+    _remove_stale(dest, manifest, {remote.key for remote in remotes})
+    cache_hits = 0
+    verification: dict[str, VerifyMethod] = {}
+    to_fetch: list[tuple[_Remote, Path]] = []
+    for remote in remotes:
+        path = safe_destination(dest, remote.key)
+        if manifest.is_complete(remote, path):
+            cache_hits += 1
+            counters.add_reused(remote.size_bytes)
+            verification[remote.key] = cast(
+                VerifyMethod, manifest.entries[remote.key].get("verified", _SIZE_ONLY)
+            )
+        else:
+            to_fetch.append((remote, path))
+    if metrics is not None and cache_hits:
+        metrics.fetch_cache_hits.inc(cache_hits)
+
+    engine: _Engine | None = None
+    if to_fetch:
+        workers = min(max_connections, 64)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch-head") as pool:
+            planned = list(pool.map(lambda item: plan(item[0]), to_fetch))
+        jobs = []
+        for (remote, path), (current, checksum) in zip(to_fetch, planned, strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            safe_destination(dest, remote.key)  # re-check: the parent now exists
+            job = _FileJob(current, path, checksum, part_size_bytes)
+            job.load_journal()
+            jobs.append(job)
+            verification[remote.key] = checksum.method
+        _check_disk_space(dest, jobs)
+        engine = _Engine(reader, manifest, counters, abort, workers, part_size_bytes, uri)
+        progress = _Progress(uri, selection.total_bytes, counters, metrics, log)
+        try:
+            for job in jobs:
+                engine.submit(job)
+        except BaseException:
+            abort.set()
+            engine.pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        engine.wait(progress.tick, progress_interval_seconds)
+
+    seconds = time.monotonic() - started
+    rate = counters.bytes_fetched / seconds if seconds > 0 else 0.0
+    if metrics is not None:
+        metrics.fetch_seconds.set(seconds)
+        metrics.fetch_rate_bytes_per_second.set(rate)
+    fetched = tuple(sorted(engine.fetched)) if engine else ()
+    log(
+        f"fetched {uri} into {dest}: {len(fetched)} files, {_fmt_bytes(counters.bytes_fetched)} "
+        f"in {seconds:.1f} s ({rate / 1e6:.1f} MB/s); {cache_hits} cache hits, "
+        f"{_fmt_bytes(counters.bytes_reused)} reused; {counters.retries} retries, "
+        f"{counters.verification_failures} verification failures; {_fmt_skipped(selection.skipped)}"
+    )
+    return FetchReport(
+        source_uri=uri,
+        model_dir=dest,
+        served_in_place=False,
+        files=selection.files,
+        fetched_files=fetched,
+        skipped=selection.skipped,
+        bytes_total=selection.total_bytes,
+        bytes_fetched=counters.bytes_fetched,
+        bytes_reused=counters.bytes_reused,
+        seconds=seconds,
+        rate_bytes_per_second=rate,
+        retries=counters.retries,
+        cache_hits=cache_hits,
+        verification_failures=counters.verification_failures,
+        verification=verification,
+    )
+
+
+def _fetch_s3(
+    source: S3Source,
+    dest: Path,
+    *,
+    trust_pickle: bool,
+    endpoint_url: str | None,
+    max_connections: int,
+    part_size_bytes: int,
+    progress_interval_seconds: float,
+    metrics: RuntimeMetrics | None,
+    log: Callable[[str], None],
+    retry: _RetryPolicy,
+    started: float,
+) -> FetchReport:
+    counters = _Counters(metrics)
+    abort = threading.Event()
+    client = _make_client(endpoint_url, max_connections)
+    reader = _S3Reader(client, source.bucket, source.prefix, retry, counters, abort)
+    listed = _list_s3(reader, source)
+    selection = select_files([(r.key, r.size_bytes) for r in listed], trust_pickle=trust_pickle)
+    by_key = {remote.key: remote for remote in listed}
+    remotes = [by_key[selected.key] for selected in selection.files]
+    dest = _prepare_dest(dest)
+    log(
+        f"fetching {source.uri} into {dest}: {len(remotes)} files, "
+        f"{_fmt_bytes(selection.total_bytes)}; {_fmt_skipped(selection.skipped)}"
+    )
+    return _run_transfer(
+        source.uri,
+        dest,
+        remotes,
+        selection,
+        reader,
+        lambda remote: _plan_checksum(reader, source, remote),
+        counters,
+        abort,
+        max_connections=max_connections,
+        part_size_bytes=part_size_bytes,
+        progress_interval_seconds=progress_interval_seconds,
+        metrics=metrics,
+        log=log,
+        started=started,
+    )
+
+
+def _copy_volume(
+    uri: str,
+    root: Path,
+    dest: Path,
+    *,
+    trust_pickle: bool,
+    max_connections: int,
+    part_size_bytes: int,
+    progress_interval_seconds: float,
+    metrics: RuntimeMetrics | None,
+    log: Callable[[str], None],
+    started: float,
+) -> FetchReport:
+    listing, pruned = _walk_volume(root)
+    selection = select_files(listing, trust_pickle=trust_pickle)
+    selection = Selection(selection.files, selection.skipped + tuple(pruned))
+    dest = _prepare_dest(dest)
+    if dest == root.resolve() or root.resolve().is_relative_to(dest):
+        raise FetchError(f"{dest}: copying {root} into itself; choose another local directory.")
+    remotes = []
+    for selected in selection.files:
+        stat = (root / selected.key).stat()
+        remotes.append(_Remote(selected.key, stat.st_size, f"mtime_ns:{stat.st_mtime_ns}"))
+    log(
+        f"copying {uri} from {root} into {dest}: {len(remotes)} files, "
+        f"{_fmt_bytes(selection.total_bytes)}; {_fmt_skipped(selection.skipped)}"
+    )
+    counters = _Counters(metrics)
+    return _run_transfer(
+        uri,
+        dest,
+        remotes,
+        selection,
+        _VolumeReader(root),
+        lambda remote: (remote, _Checksum(_SIZE_ONLY, "", remote.size_bytes)),
+        counters,
+        threading.Event(),
+        max_connections=max_connections,
+        part_size_bytes=part_size_bytes,
+        progress_interval_seconds=progress_interval_seconds,
+        metrics=metrics,
+        log=log,
+        started=started,
+    )
+
+
+__all__ = [
+    "FetchError",
+    "FetchReport",
+    "SelectionError",
+    "UnsafeKeyError",
+    "fetch_model",
+]
