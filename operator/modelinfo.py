@@ -1,0 +1,867 @@
+"""Model inspection: what a model is, read from its config.json and its safetensors headers.
+
+Only metadata is read: config.json, model.safetensors.index.json and, for each shard, its
+header through ranged reads (the 8-byte little-endian header length, then the JSON header).
+The weights themselves are never downloaded. Explicit spec values (spec.model.architecture,
+spec.model.parameters) override what the files say; what is missing is an error naming the
+file or field and the fix, never a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from .api import Architecture
+from .plan import ModelInfo, WeightDtype
+from .source import LocalSource, ModelSource, S3Source, VolumeSource
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+# One speculative ranged read of this size holds the whole header of nearly every shard.
+HEADER_PROBE_BYTES = 1 << 20
+# safetensors itself refuses headers above 100 MB; a larger length means "not safetensors".
+MAX_HEADER_BYTES = 100_000_000
+# spec.model.parameters further than this from the counted value earns a warning.
+PARAMETER_MISMATCH_RATIO = 0.05
+HEADER_READ_THREADS = 8
+
+# Bits per element of each safetensors dtype.
+_DTYPE_BITS = {
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+}
+_FLOAT_DTYPES: dict[str, WeightDtype] = {
+    "F32": "fp32",
+    "F16": "fp16",
+    "BF16": "bf16",
+    "F8_E4M3": "fp8",
+    "F8_E5M2": "fp8",
+}
+_CONFIG_DTYPES: dict[str, WeightDtype] = {
+    "float32": "fp32",
+    "float": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+    "float8_e4m3fn": "fp8",
+    "float8_e5m2": "fp8",
+}
+# Tensors packing several low-bit weights per integer element (AWQ, GPTQ, compressed-tensors).
+_PACKED_SUFFIXES = (".qweight", ".weight_packed")
+# Quantization metadata and buffers: stored in the checkpoint, but not model parameters.
+_NOT_PARAMETER_SUFFIXES = (
+    ".qzeros",
+    ".scales",
+    ".g_idx",
+    ".weight_scale",
+    ".weight_scale_inv",
+    ".weight_zero_point",
+    ".weight_g_idx",
+    ".weight_shape",
+    ".input_scale",
+    ".input_zero_point",
+    ".output_scale",
+    ".k_scale",
+    ".v_scale",
+    "rotary_emb.inv_freq",
+)
+_OUTPUT_HEAD_SUFFIXES = ("lm_head.weight", "lm_head.qweight", "lm_head.weight_packed")
+# Model families whose config class ties the output head to the embedding when unsaid.
+_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text", "paligemma"}
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.txt"}
+_TRAINING_STATE = re.compile(
+    r"^(optimizer\.(pt|bin)|scheduler\.pt|rng_state.*\.pth|trainer_state\.json"
+    r"|training_args\.bin|global_step\d+)$"
+)
+_PICKLE_WEIGHTS = re.compile(r"^(pytorch_model.*\.bin|.*\.pt|.*\.pth|consolidated.*\.pth)$")
+
+
+QuantizationName = Literal["none", "fp8", "int8", "int8-gptq", "int4-awq", "int4-gptq"]
+
+
+class ModelInfoError(ValueError):
+    """The model cannot be inspected; the message names the file or field and the fix."""
+
+
+# --- safetensors headers --------------------------------------------------------------------
+
+
+def _read_header(read_range: Callable[[int, int], bytes], name: str) -> tuple[dict[str, Any], int]:
+    """The parsed header and its length in bytes (data starts at 8 + that length)."""
+    head = read_range(0, HEADER_PROBE_BYTES)
+    if len(head) < 8:
+        raise ModelInfoError(
+            f"{name} is {len(head)} bytes long, too short for a safetensors file; "
+            "re-upload the shard."
+        )
+    (header_bytes,) = struct.unpack("<Q", head[:8])
+    if header_bytes > MAX_HEADER_BYTES:
+        raise ModelInfoError(
+            f"{name} does not start with a safetensors header (declared header length "
+            f"{header_bytes} bytes); check that the file really is safetensors."
+        )
+    end = 8 + header_bytes
+    if len(head) < end and len(head) >= HEADER_PROBE_BYTES:
+        head += read_range(len(head), end - len(head))  # the rare header longer than the probe
+    if len(head) < end:
+        raise ModelInfoError(
+            f"{name} is truncated: its header needs {end} bytes but the file ends at "
+            f"{len(head)}; re-upload the shard."
+        )
+    try:
+        header = json.loads(head[8:end])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelInfoError(
+            f"{name}: the safetensors header is not valid JSON ({error}); re-upload the shard."
+        ) from None
+    if not isinstance(header, dict):
+        raise ModelInfoError(f"{name}: the safetensors header is not a JSON object.")
+    for tensor, entry in header.items():
+        if tensor == "__metadata__":
+            continue
+        if not (
+            isinstance(entry, dict)
+            and entry.get("dtype") in _DTYPE_BITS
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(dim, int) and dim >= 0 for dim in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(offset, int) for offset in entry["data_offsets"])
+            and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]
+        ):
+            raise ModelInfoError(
+                f"{name}: tensor {tensor!r} has an unreadable header entry {entry!r} "
+                "(expected dtype, shape and data_offsets)."
+            )
+    return header, header_bytes
+
+
+def read_safetensors_header(
+    read_range: Callable[[int, int], bytes], *, name: str = "safetensors file"
+) -> dict[str, Any]:
+    """Parse a safetensors header through `read_range(offset, length) -> bytes`.
+
+    Reads at most two ranges: one speculative read of the first HEADER_PROBE_BYTES (the
+    8-byte little-endian header length plus, nearly always, the whole JSON header), and a
+    second one only when the header is longer. `read_range` may return fewer bytes than
+    asked at the end of the file. Returns the header dict (tensor name -> dtype, shape,
+    data_offsets; plus "__metadata__" when present).
+    """
+    return _read_header(read_range, name)[0]
+
+
+@dataclass(frozen=True)
+class WeightsSummary:
+    """What the safetensors headers say, summed over all shards."""
+
+    parameters: int
+    checkpoint_bytes: int
+    dtype: WeightDtype | None  # majority (by bytes) of the floating-point parameter tensors
+    files: tuple[str, ...]
+    has_output_head: bool  # an lm_head tensor exists (so embeddings are not tied)
+
+
+def summarize_weights(
+    headers: Mapping[str, Mapping[str, Any]], *, quantization_bits: int | None = None
+) -> WeightsSummary:
+    """Count parameters, bytes and the dominant dtype over parsed headers (file -> header).
+
+    Packed low-bit tensors (AWQ/GPTQ qweight, compressed-tensors weight_packed) count as the
+    logical weights they hold (element bits / quantization_bits each); quantization scales,
+    zero points, group indices and FP8 scales are stored bytes but not parameters.
+    """
+    parameters = 0
+    checkpoint_bytes = 0
+    float_bytes: dict[WeightDtype, int] = {}
+    has_output_head = False
+    for file, header in headers.items():
+        for tensor, entry in header.items():
+            if tensor == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            checkpoint_bytes += end - start
+            if tensor.endswith(_NOT_PARAMETER_SUFFIXES):
+                continue
+            elements = 1
+            for dim in entry["shape"]:
+                elements *= dim
+            dtype = entry["dtype"]
+            if tensor.endswith(_PACKED_SUFFIXES) and dtype not in _FLOAT_DTYPES:
+                if quantization_bits is None:
+                    raise ModelInfoError(
+                        f"{file}: tensor {tensor!r} is packed low-bit weights but config.json "
+                        "has no quantization_config.bits; add the quantization_config the "
+                        "quantizer wrote to config.json."
+                    )
+                elements *= _DTYPE_BITS[dtype] // quantization_bits
+            parameters += elements
+            if tensor.endswith(_OUTPUT_HEAD_SUFFIXES):
+                has_output_head = True
+            if dtype in _FLOAT_DTYPES:
+                weight_dtype = _FLOAT_DTYPES[dtype]
+                float_bytes[weight_dtype] = float_bytes.get(weight_dtype, 0) + end - start
+    dtype_by_bytes = max(float_bytes.items(), key=lambda item: item[1])[0] if float_bytes else None
+    return WeightsSummary(
+        parameters=parameters,
+        checkpoint_bytes=checkpoint_bytes,
+        dtype=dtype_by_bytes,
+        files=tuple(headers),
+        has_output_head=has_output_head,
+    )
+
+
+# --- quantization -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The checkpoint's quantization, from config.json quantization_config."""
+
+    name: QuantizationName
+    bits: int | None  # bits per packed weight (None: not packed, or a plain 8-bit dtype)
+    group_size: int | None
+
+
+_NO_QUANTIZATION = Quantization("none", None, None)
+
+
+def quantization_from_config(config: Mapping[str, Any]) -> Quantization:
+    """Map config.json quantization_config to ModelInfo's quantization, or raise naming it."""
+    text = config.get("text_config")
+    qc = config.get("quantization_config")
+    if qc is None and isinstance(text, dict):
+        qc = text.get("quantization_config")
+    if qc is None:
+        return _NO_QUANTIZATION
+    if not isinstance(qc, dict):
+        raise ModelInfoError("config.json quantization_config is not an object.")
+    method = str(qc.get("quant_method", "")).lower()
+    group = qc.get("group_size", qc.get("q_group_size"))
+    group_size = group if isinstance(group, int) and group > 0 else None
+    if method in ("awq", "gptq"):
+        bits = qc.get("bits", qc.get("w_bit"))
+        if method == "awq" and bits == 4:
+            return Quantization("int4-awq", 4, group_size)
+        if method == "gptq" and bits in (4, 8):
+            return Quantization("int4-gptq" if bits == 4 else "int8-gptq", bits, group_size)
+        raise ModelInfoError(
+            f"config.json quantization_config.bits is {bits!r} for {method}; modelship serves "
+            "4-bit AWQ and 4- or 8-bit GPTQ checkpoints."
+        )
+    if method in ("fp8", "fbgemm_fp8"):
+        return Quantization("fp8", None, None)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    raise ModelInfoError(
+        f"config.json quantization_config.quant_method {method or None!r} is not supported; "
+        "modelship serves awq, gptq, fp8 and simple compressed-tensors checkpoints (or an "
+        "unquantized checkpoint with spec.model.quantization)."
+    )
+
+
+def _compressed_tensors(qc: Mapping[str, Any]) -> Quantization:
+    groups = qc.get("config_groups")
+    schemes = set()
+    group_sizes = set()
+    if isinstance(groups, dict):
+        for group in groups.values():
+            weights = group.get("weights") if isinstance(group, dict) else None
+            if isinstance(weights, dict):
+                schemes.add((weights.get("type"), weights.get("num_bits")))
+                group_sizes.add(weights.get("group_size"))
+    if len(schemes) == 1:
+        kind, bits = schemes.pop()
+        group = group_sizes.pop() if len(group_sizes) == 1 else None
+        group_size = group if isinstance(group, int) and group > 0 else None
+        if (kind, bits) == ("float", 8):
+            return Quantization("fp8", None, None)
+        if (kind, bits) == ("int", 8):
+            return Quantization("int8", 8, group_size)
+        if (kind, bits) == ("int", 4):
+            # vLLM runs 4-bit integer compressed-tensors with the GPTQ (Marlin) kernels.
+            return Quantization("int4-gptq", 4, group_size)
+    raise ModelInfoError(
+        "config.json quantization_config.config_groups (compressed-tensors) is not one simple "
+        f"weight scheme (found {sorted(map(str, schemes)) or 'none'}); modelship understands "
+        "8-bit float, 8-bit int and 4-bit int weights in a single group."
+    )
+
+
+# --- config.json -> ModelInfo -----------------------------------------------------------------
+
+# ModelInfo field -> (config.json names, spec.model.architecture field).
+_REQUIRED = {
+    "num_layers": (("num_hidden_layers", "n_layer", "num_layers"), "numLayers"),
+    "hidden_size": (("hidden_size", "n_embd", "d_model"), "hiddenSize"),
+    "num_attention_heads": (("num_attention_heads", "n_head"), "numAttentionHeads"),
+    "vocab_size": (("vocab_size",), "vocabSize"),
+    "max_position_embeddings": (
+        ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"),
+        "maxPositionEmbeddings",
+    ),
+}
+
+
+class _Config:
+    """Looks a key up in text_config (multimodal wrappers) first, then the top level."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        text = config.get("text_config")
+        self.layers = [text, config] if isinstance(text, dict) else [config]
+
+    def get(self, *keys: str) -> Any:
+        for layer in self.layers:
+            for key in keys:
+                if layer.get(key) is not None:
+                    return layer[key]
+        return None
+
+    def positive_int(self, *keys: str) -> int | None:
+        value = self.get(*keys)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelInfoError(
+                f"config.json {keys[0]} is {value!r}, not a positive integer; fix config.json "
+                "or set the matching spec.model.architecture field."
+            )
+        return value
+
+
+def _sliding_window(
+    config: _Config, overrides: Architecture, num_layers: int, max_positions: int
+) -> tuple[int | None, int]:
+    """The window and how many layers use it (the others attend to the whole context)."""
+    window = overrides.sliding_window
+    if window is None:
+        if config.get("use_sliding_window") is False:
+            return None, 0  # Qwen2: sliding_window is written, but switched off
+        window = config.positive_int("sliding_window")
+    if window is None or window >= max_positions:
+        return None, 0  # a window as long as the context is full attention
+    layer_types = config.get("layer_types")
+    pattern = config.get("sliding_window_pattern")
+    if isinstance(layer_types, list) and layer_types:
+        layers = sum(1 for kind in layer_types if kind == "sliding_attention")
+    elif config.get("model_type") == "gemma2":
+        layers = (num_layers + 1) // 2  # even layers slide, odd layers are global
+    elif isinstance(pattern, int) and pattern > 0:
+        layers = num_layers - num_layers // pattern  # Gemma-3: every pattern-th layer is global
+    elif config.get("use_sliding_window") and isinstance(config.get("max_window_layers"), int):
+        layers = max(num_layers - config.get("max_window_layers"), 0)  # Qwen2: the top layers
+    else:
+        layers = num_layers
+    return (window, layers) if layers else (None, 0)
+
+
+def _config_dtype(config: _Config) -> WeightDtype | None:
+    value = config.get("torch_dtype", "dtype")
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in _CONFIG_DTYPES:
+        raise ModelInfoError(
+            f"config.json torch_dtype {value!r} is not a weight dtype modelship knows "
+            f"({', '.join(sorted(_CONFIG_DTYPES))}); fix config.json."
+        )
+    return _CONFIG_DTYPES[name]
+
+
+def model_info_from_config(
+    config: Mapping[str, Any],
+    *,
+    weights: WeightsSummary | None,
+    overrides: Architecture | None = None,
+    parameters: int | None = None,
+    files: list[str] | None = None,
+) -> ModelInfo:
+    """Build ModelInfo from a parsed config.json, the weights summary and spec overrides.
+
+    `config` may be empty when spec.model.architecture covers every required field. `files`
+    lists the package's files (relative paths) for the tokenizer and training-checkpoint
+    checks; None means they could not be listed. Pure: reads nothing.
+    """
+    overrides = overrides or Architecture()
+    cfg = _Config(config)
+    warnings: list[str] = []
+
+    required: dict[str, int] = {}
+    missing: list[str] = []
+    for field, (keys, spec_field) in _REQUIRED.items():
+        value = getattr(overrides, field) or cfg.positive_int(*keys)
+        if value is None:
+            missing.append(f"{keys[0]} (spec.model.architecture.{spec_field})")
+        else:
+            required[field] = value
+    if missing:
+        where = "config.json has no" if config else "there is no config.json, so no"
+        raise ModelInfoError(
+            f"{where} {', '.join(missing)}; add the field to config.json or set it in "
+            "spec.model.architecture."
+        )
+    num_layers = required["num_layers"]
+    hidden_size = required["hidden_size"]
+    heads = required["num_attention_heads"]
+    max_positions = required["max_position_embeddings"]
+
+    kv_lora_rank = overrides.kv_lora_rank or cfg.positive_int("kv_lora_rank")
+    qk_rope_head_dim = None
+    if kv_lora_rank is not None:
+        qk_rope_head_dim = overrides.qk_rope_head_dim or cfg.positive_int("qk_rope_head_dim")
+        if qk_rope_head_dim is None:
+            raise ModelInfoError(
+                "the model uses MLA (kv_lora_rank is set) but config.json has no "
+                "qk_rope_head_dim; set spec.model.architecture.qkRopeHeadDim."
+            )
+
+    head_dim = overrides.head_dim or cfg.positive_int("head_dim")
+    if head_dim is None and kv_lora_rank is not None and cfg.get("qk_nope_head_dim"):
+        # MLA: a query/key head is its non-rotary plus its rotary part (DeepSeek: 128 + 64).
+        head_dim = cfg.positive_int("qk_nope_head_dim") + qk_rope_head_dim  # type: ignore[operator]
+    if head_dim is None:
+        if hidden_size % heads:
+            raise ModelInfoError(
+                f"hidden_size {hidden_size} is not a multiple of num_attention_heads {heads} and "
+                "config.json has no head_dim; set spec.model.architecture.headDim."
+            )
+        head_dim = hidden_size // heads
+
+    kv_heads = (
+        overrides.num_key_value_heads
+        or cfg.positive_int("num_key_value_heads", "num_kv_heads")
+        or heads
+    )
+
+    window, window_layers = _sliding_window(cfg, overrides, num_layers, max_positions)
+
+    experts = overrides.num_experts or cfg.get(
+        "num_local_experts", "n_routed_experts", "num_experts"
+    )
+    experts = experts if isinstance(experts, int) and experts > 0 else None
+    experts_per_token = overrides.num_experts_per_token
+    moe_intermediate_size = None
+    if experts is not None:
+        experts_per_token = experts_per_token or cfg.positive_int("num_experts_per_tok")
+        moe_intermediate_size = cfg.positive_int("moe_intermediate_size")
+
+    quantization = quantization_from_config(config)
+
+    tied = cfg.get("tie_word_embeddings")
+    if not isinstance(tied, bool):
+        if weights is not None:
+            tied = not weights.has_output_head
+        else:
+            tied = cfg.get("model_type") in _TIED_BY_DEFAULT
+
+    config_dtype = _config_dtype(cfg)
+    dtype: WeightDtype
+    if weights is not None and weights.dtype is not None:
+        dtype = weights.dtype
+        if config_dtype not in (None, dtype) and quantization.name == "none":
+            warnings.append(
+                f"config.json says torch_dtype {config_dtype} but the weights are stored as "
+                f"{dtype}; sizing uses the stored {dtype}."
+            )
+    elif quantization.name == "fp8":
+        dtype = "fp8"
+    elif config_dtype is not None:
+        dtype = config_dtype
+    else:
+        dtype = "fp32"
+        warnings.append(
+            "config.json has no torch_dtype and no safetensors were read; assuming fp32, "
+            "transformers' default for a config without torch_dtype."
+        )
+
+    if weights is not None:
+        parameter_count = weights.parameters
+        parameters_source = "safetensors"
+        if parameters is not None and abs(parameters - parameter_count) > (
+            PARAMETER_MISMATCH_RATIO * parameter_count
+        ):
+            warnings.append(
+                f"spec.model.parameters is {parameters:,} but the safetensors headers count "
+                f"{parameter_count:,} ({abs(parameters - parameter_count) / parameter_count:.0%} "
+                "apart); using the counted value. Fix or remove spec.model.parameters."
+            )
+    elif parameters is not None:
+        parameter_count = parameters
+        parameters_source = "spec"
+    else:
+        raise ModelInfoError(
+            "there are no *.safetensors weights to count parameters from; set "
+            "spec.model.parameters (e.g. 8B), or --params on the command line."
+        )
+
+    has_tokenizer = None
+    is_training_checkpoint = False
+    if files is not None:
+        top_level = {path for path in files if "/" not in path}
+        has_tokenizer = bool(top_level & _TOKENIZER_FILES) or (
+            {"vocab.json", "merges.txt"} <= top_level
+        )
+        if not has_tokenizer:
+            warnings.append(
+                "the package has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + "
+                "merges.txt next to config.json); vLLM will fail to start. Add the tokenizer "
+                "files of the base model."
+            )
+        training_state = sorted(
+            {
+                part
+                for path in files
+                for part in PurePosixPath(path).parts
+                if _TRAINING_STATE.match(part)
+            }
+        )
+        if training_state:
+            is_training_checkpoint = True
+            warnings.append(
+                f"this is a training checkpoint ({', '.join(training_state)}): only config, "
+                "tokenizer and *.safetensors weights are used; optimizer, scheduler and RNG "
+                "state and global_step*/ folders are skipped."
+            )
+        pickles = sorted(name for name in top_level if _PICKLE_WEIGHTS.match(name))
+        if weights is None and pickles:
+            warnings.append(
+                f"the weights are pickle files ({', '.join(pickles[:3])}); their parameters "
+                "cannot be counted without loading them, so spec.model.parameters is used. "
+                "Convert them to safetensors, or set spec.model.trustPickle to serve them."
+            )
+
+    architectures = config.get("architectures")
+    if config and not (isinstance(architectures, list) and architectures):
+        warnings.append(
+            "config.json has no architectures list; vLLM needs it to choose the model class."
+        )
+    return ModelInfo(
+        architecture=str(architectures[0]) if architectures else "unknown",
+        model_type=str(config.get("model_type") or "unknown"),
+        parameters=parameter_count,
+        parameters_source=parameters_source,
+        dtype=dtype,
+        quantization=quantization.name,
+        quantization_group_size=quantization.group_size,
+        checkpoint_bytes=weights.checkpoint_bytes if weights is not None else None,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=overrides.intermediate_size
+        or cfg.positive_int("intermediate_size", "ffn_hidden_size", "n_inner"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        vocab_size=required["vocab_size"],
+        tie_word_embeddings=tied,
+        sliding_window=window,
+        sliding_window_layers=window_layers,
+        num_experts=experts,
+        num_experts_per_token=experts_per_token if experts is not None else None,
+        moe_intermediate_size=moe_intermediate_size,
+        kv_lora_rank=kv_lora_rank,
+        qk_rope_head_dim=qk_rope_head_dim,
+        weight_files=list(weights.files) if weights is not None else [],
+        has_tokenizer=has_tokenizer,
+        is_training_checkpoint=is_training_checkpoint,
+        warnings=warnings,
+    )
+
+
+# --- reading a package ------------------------------------------------------------------------
+
+
+class ModelPackage(Protocol):
+    """The files of one model package, wherever they live."""
+
+    uri: str
+
+    def list_files(self) -> dict[str, int]:
+        """Every file, as path relative to the package root -> size in bytes."""
+        ...
+
+    def read_bytes(self, path: str) -> bytes:
+        """A whole (small) file."""
+        ...
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset`; fewer at the end of the file."""
+        ...
+
+
+class LocalPackage:
+    """A model directory on a local (or mounted) file system."""
+
+    def __init__(self, root: Path, uri: str | None = None) -> None:
+        self.root = root
+        self.uri = uri or f"file://{root}"
+
+    def list_files(self) -> dict[str, int]:
+        if not self.root.is_dir():
+            raise ModelInfoError(
+                f"{self.uri} is not a directory; check spec.model.uri points at the model folder."
+            )
+        files: dict[str, int] = {}
+        for directory, _, names in os.walk(self.root, followlinks=True):
+            for name in names:
+                path = Path(directory, name)
+                if path.is_file():  # follows the symlinks of a Hugging Face cache snapshot
+                    files[path.relative_to(self.root).as_posix()] = path.stat().st_size
+        return files
+
+    def read_bytes(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        with (self.root / path).open("rb") as file:
+            file.seek(offset)
+            return file.read(length)
+
+
+def s3_client(endpoint_url: str | None = None) -> S3Client:
+    """A boto3 S3 client for AWS or an S3-compatible store (endpoint or AWS_ENDPOINT_URL)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    config = Config(
+        # S3-compatible stores may send the whole object's checksum on ranged GETs.
+        response_checksum_validation="when_required",
+        request_checksum_calculation="when_required",
+        retries={"max_attempts": 5, "mode": "standard"},
+        max_pool_connections=HEADER_READ_THREADS * 2,
+    )
+    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+class S3Package:
+    """Objects under an S3 prefix, read with GetObject (ranged for shard headers)."""
+
+    def __init__(self, source: S3Source, client: S3Client) -> None:
+        self.source = source
+        self.client = client
+        self.uri = source.uri
+        self._sizes: dict[str, int] = {}
+
+    def _fail(self, action: str, error: Exception) -> ModelInfoError:
+        from botocore.exceptions import ClientError
+
+        code = (
+            error.response.get("Error", {}).get("Code", "")
+            if isinstance(error, ClientError)
+            else ""
+        )
+        fix = {
+            "NoSuchBucket": f"bucket {self.source.bucket!r} does not exist; check spec.model.uri.",
+            "AccessDenied": (
+                f"give the operator's IAM role s3:ListBucket and s3:GetObject on "
+                f"arn:aws:s3:::{self.source.bucket}/{self.source.prefix}*."
+            ),
+            "NoSuchKey": "the object is gone; check the upload is complete.",
+        }.get(code, "check the endpoint, credentials and spec.model.uri.")
+        return ModelInfoError(f"cannot {action} ({code or type(error).__name__}: {error}); {fix}")
+
+    def list_files(self) -> dict[str, int]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        files: dict[str, int] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.source.bucket, Prefix=self.source.prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    if not key.endswith("/"):  # folder markers
+                        files[key[len(self.source.prefix) :]] = item["Size"]
+        except (BotoCoreError, ClientError) as error:
+            raise self._fail(f"list {self.uri}", error) from None
+        self._sizes = files
+        return files
+
+    def read_bytes(self, path: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(
+                Bucket=self.source.bucket, Key=self.source.prefix + path
+            )
+            return response["Body"].read()
+        except (BotoCoreError, ClientError) as error:
+            raise self._fail(f"read {self.uri}{path}", error) from None
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        size = self._sizes.get(path)
+        if size is not None:
+            length = min(length, size - offset)  # a range past the end is an error on S3
+        if length <= 0:
+            return b""
+        try:
+            response = self.client.get_object(
+                Bucket=self.source.bucket,
+                Key=self.source.prefix + path,
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            return response["Body"].read()
+        except (BotoCoreError, ClientError) as error:
+            raise self._fail(
+                f"read bytes {offset}-{offset + length - 1} of {self.uri}{path}", error
+            ) from None
+
+
+def _read_json(package: ModelPackage, path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(package.read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelInfoError(f"{path} is not valid JSON ({error}); fix or re-upload it.") from None
+    if not isinstance(data, dict):
+        raise ModelInfoError(f"{path} is not a JSON object; fix or re-upload it.")
+    return data
+
+
+def _weight_shards(package: ModelPackage, files: Mapping[str, int]) -> list[str]:
+    """The shards the model loads: the index's, else the top-level *.safetensors."""
+    if INDEX_FILE in files:
+        weight_map = _read_json(package, INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelInfoError(f"{INDEX_FILE} has no weight_map; re-upload it.")
+        shards = sorted({str(shard) for shard in weight_map.values()})
+        missing = [shard for shard in shards if shard not in files]
+        if missing:
+            raise ModelInfoError(
+                f"{INDEX_FILE} names {', '.join(missing)}, which the package does not have; "
+                "upload the missing shards."
+            )
+        return shards
+    shards = sorted(path for path in files if "/" not in path and path.endswith(".safetensors"))
+    transformers_shards = [path for path in shards if not path.startswith("consolidated")]
+    # Mistral repositories carry the same weights twice: consolidated.safetensors (native format).
+    return transformers_shards or shards
+
+
+def _read_weights(
+    package: ModelPackage, files: Mapping[str, int], shards: list[str], bits: int | None
+) -> WeightsSummary:
+    def read(shard: str) -> dict[str, Any]:
+        header, header_bytes = _read_header(
+            lambda offset, length: package.read_range(shard, offset, length), shard
+        )
+        data_bytes = max(
+            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+            default=0,
+        )
+        if 8 + header_bytes + data_bytes != files[shard]:
+            raise ModelInfoError(
+                f"{shard} is {files[shard]} bytes but its header describes "
+                f"{8 + header_bytes + data_bytes}; the upload is incomplete or damaged, "
+                "re-upload the shard."
+            )
+        return header
+
+    with ThreadPoolExecutor(max_workers=min(HEADER_READ_THREADS, len(shards))) as pool:
+        headers = dict(zip(shards, pool.map(read, shards), strict=True))
+    return summarize_weights(headers, quantization_bits=bits)
+
+
+def inspect_package(
+    package: ModelPackage,
+    *,
+    overrides: Architecture | None = None,
+    parameters: int | None = None,
+) -> ModelInfo:
+    """Inspect a model package: config.json, the shard index and each shard's header."""
+    try:
+        files = package.list_files()
+        if not files:
+            raise ModelInfoError("holds no files; check spec.model.uri.")
+        config = _read_json(package, CONFIG_FILE) if CONFIG_FILE in files else {}
+        shards = _weight_shards(package, files)
+        weights = None
+        if shards:
+            bits = quantization_from_config(config).bits
+            weights = _read_weights(package, files, shards, bits)
+        return model_info_from_config(
+            config, weights=weights, overrides=overrides, parameters=parameters, files=list(files)
+        )
+    except ModelInfoError as error:
+        raise ModelInfoError(f"{package.uri}: {error}") from None
+
+
+def inspect_model(
+    source: ModelSource,
+    *,
+    overrides: Architecture | None = None,
+    parameters: int | None = None,
+    endpoint_url: str | None = None,
+    volume_root: Path | None = None,
+    client: S3Client | None = None,
+) -> ModelInfo:
+    """What the model at `source` is, reading only metadata (never the weights).
+
+    s3:// is read with GetObject (ranged for shard headers); file:// from disk; fsx:// and
+    efs:// only through `volume_root`, a local path where the claim is mounted (the CLI and
+    tests). Without it, spec.model.parameters and spec.model.architecture must say it all.
+    """
+    if isinstance(source, S3Source):
+        package: ModelPackage = S3Package(source, client or s3_client(endpoint_url))
+    elif isinstance(source, LocalSource):
+        package = LocalPackage(Path(source.path), source.uri)
+    elif volume_root is not None:
+        package = LocalPackage(volume_root / source.path, source.uri)
+    else:
+        return _volume_from_spec(source, overrides, parameters)
+    return inspect_package(package, overrides=overrides, parameters=parameters)
+
+
+def _volume_from_spec(
+    source: VolumeSource, overrides: Architecture | None, parameters: int | None
+) -> ModelInfo:
+    try:
+        info = model_info_from_config(
+            {}, weights=None, overrides=overrides, parameters=parameters, files=None
+        )
+    except ModelInfoError as error:
+        raise ModelInfoError(
+            f"{source.uri}: the operator cannot read {source.scheme} volumes, so a model there "
+            "needs spec.model.parameters and spec.model.architecture (numLayers, hiddenSize, "
+            "numAttentionHeads, vocabSize, maxPositionEmbeddings, and numKeyValueHeads, headDim "
+            f"where they differ from the defaults); or put it on S3 instead. ({error})"
+        ) from None
+    return info.model_copy(
+        update={
+            "warnings": [
+                *info.warnings,
+                f"{source.uri} was not read (the operator cannot mount {source.scheme}); the "
+                "plan rests on spec.model.parameters and spec.model.architecture alone.",
+            ]
+        }
+    )
