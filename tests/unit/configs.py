@@ -68,6 +68,45 @@ LLAMA_3_70B: Config = {
     "vocab_size": 128256,
 }
 
+# meta-llama/Llama-3.1-8B, config.json (Llama-3-8B's shape with a 128k context via llama3 RoPE)
+LLAMA_3_1_8B: Config = {
+    **LLAMA_3_8B,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "transformers_version": "4.43.0.dev0",
+}
+
+# meta-llama/Llama-2-13b-hf, config.json (multi-head attention: 40 heads, 40 KV heads)
+LLAMA_2_13B: Config = {
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 5120,
+    "initializer_range": 0.02,
+    "intermediate_size": 13824,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 40,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 40,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.32.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
 # meta-llama/Llama-3.1-405B, config.json
 LLAMA_3_1_405B: Config = {
     "architectures": ["LlamaForCausalLM"],
@@ -196,6 +235,8 @@ MISTRAL_7B: Config = {
     "vocab_size": 32000,
 }
 
+MISTRAL_7B_V0_1 = MISTRAL_7B  # the same file, by its version
+
 # mistralai/Mixtral-8x7B-v0.1, config.json
 MIXTRAL_8X7B: Config = {
     "architectures": ["MixtralForCausalLM"],
@@ -223,6 +264,33 @@ MIXTRAL_8X7B: Config = {
     "transformers_version": "4.36.0.dev0",
     "use_cache": True,
     "vocab_size": 32000,
+}
+
+# Qwen/Qwen2.5-1.5B-Instruct, config.json (tied embeddings; sliding window written but off)
+QWEN2_5_1_5B: Config = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 1536,
+    "initializer_range": 0.02,
+    "intermediate_size": 8960,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 21,
+    "model_type": "qwen2",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
 }
 
 # Qwen/Qwen2.5-7B-Instruct, config.json (sliding_window is written but use_sliding_window is off)
@@ -529,10 +597,13 @@ ALL_CONFIGS: dict[str, Config] = {
     "LLAMA_3_8B": LLAMA_3_8B,
     "LLAMA_3_70B": LLAMA_3_70B,
     "LLAMA_3_1_405B": LLAMA_3_1_405B,
+    "LLAMA_3_1_8B": LLAMA_3_1_8B,
+    "LLAMA_2_13B": LLAMA_2_13B,
     "LLAMA_3_8B_FP8": LLAMA_3_8B_FP8,
     "LLAMA_2_7B_GPTQ": LLAMA_2_7B_GPTQ,
     "MISTRAL_7B": MISTRAL_7B,
     "MIXTRAL_8X7B": MIXTRAL_8X7B,
+    "QWEN2_5_1_5B": QWEN2_5_1_5B,
     "QWEN2_5_7B": QWEN2_5_7B,
     "QWEN2_72B": QWEN2_72B,
     "QWEN2_5_72B_AWQ": QWEN2_5_72B_AWQ,
@@ -549,8 +620,11 @@ PUBLISHED_PARAMETERS: dict[str, int] = {
     "LLAMA_3_8B": 8_030_261_248,
     "LLAMA_3_70B": 70_553_706_496,
     "LLAMA_3_1_405B": 405_853_388_800,
+    "LLAMA_3_1_8B": 8_030_261_248,
+    "LLAMA_2_13B": 13_015_864_320,
     "MISTRAL_7B": 7_241_732_096,
     "MIXTRAL_8X7B": 46_702_792_704,
+    "QWEN2_5_1_5B": 1_543_714_304,
     "QWEN2_5_7B": 7_615_616_512,
     "GEMMA_2_9B": 9_241_705_984,
     "GEMMA_7B": 8_537_680_896,
