@@ -821,6 +821,11 @@ def inspect_package(
         )
     except ModelInfoError as error:
         raise ModelInfoError(f"{package.uri}: {error}") from None
+    except OSError as error:  # local and mounted files: permissions, vanished files
+        raise ModelInfoError(
+            f"{package.uri}: cannot read {error.filename or 'the package'} ({error.strerror}); "
+            "check the path and its permissions."
+        ) from None
 
 
 def inspect_model(

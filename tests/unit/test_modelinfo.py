@@ -14,8 +14,10 @@ import torch
 from modelship.operator.api import Architecture
 from modelship.operator.modelinfo import (
     HEADER_PROBE_BYTES,
+    LocalPackage,
     ModelInfoError,
     inspect_model,
+    inspect_package,
     model_info_from_config,
     quantization_from_config,
     read_safetensors_header,
@@ -631,6 +633,22 @@ def test_truncated_shard(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ModelInfoError, match=r"model.safetensors is \d+ bytes but its header"):
         inspect_dir(root)
+
+
+class UnreadableConfigPackage(LocalPackage):
+    """A mounted volume where config.json exists but cannot be opened (mode 000 for our user)."""
+
+    def read_bytes(self, path: str) -> bytes:
+        if path == "config.json":
+            raise PermissionError(13, "Permission denied", str(self.root / path))
+        return super().read_bytes(path)
+
+
+def test_unreadable_file_is_a_model_info_error(tmp_path: Path) -> None:
+    root = write_package(tmp_path / "m", TINY, [tiny_tensors(TINY)])
+    with pytest.raises(ModelInfoError, match=r"cannot read .*config.json \(Permission denied\)"):
+        inspect_package(UnreadableConfigPackage(root))
+    assert inspect_package(LocalPackage(root)).num_layers == 2
 
 
 def test_not_a_directory(tmp_path: Path) -> None:
