@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout-seconds", type=float, default=600.0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
+    # Ctrl-C, and SIGTERM too, end the demo through its cleanup (even when started in the
+    # background, where SIGINT would otherwise be ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run_demo(args)
 
 

@@ -184,6 +184,9 @@ class VllmProcess:
         self._log = log if log is not None else sys.stdout
         self._on_kv_cache = on_kv_cache
         self.kv_cache: KvCacheCapacity | None = None
+        # Set by request_stop: vLLM ignores SIGTERM while its engine starts, so the caller
+        # enforces a grace period from this moment (see kill_group).
+        self.stop_requested_at: float | None = None
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self.tail: list[str] = []  # the last lines, for the failure message
@@ -239,6 +242,22 @@ class VllmProcess:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signum)
 
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Forward `signum` and remember when the first stop was asked for."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        self.send_signal(signum)
+
+    def wait_after_stop(self, grace_seconds: float) -> int:
+        """Wait for vLLM to exit after request_stop; SIGKILL its group once the grace is over."""
+        assert self._process is not None
+        started = self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
+        while self._process.poll() is None:
+            if time.monotonic() - started > grace_seconds:
+                self.kill_group()
+            time.sleep(0.2)
+        return self.wait()
+
     def kill_group(self) -> None:
         """SIGKILL vLLM and every process of its group (engine-core workers)."""
         if self._process is not None:
@@ -265,11 +284,13 @@ class VllmProcess:
     ) -> float:
         """Poll vLLM's /health until it answers 200; return the seconds waited.
 
-        Raises LaunchError if vLLM exits first or the timeout passes.
+        Raises LaunchError if vLLM exits first, a stop is requested, or the timeout passes.
         """
         url = f"http://{host}:{self.spec.port}/health"
         started = time.monotonic()
         while True:
+            if self.stop_requested_at is not None:
+                raise LaunchError("stop requested before vLLM was ready")
             code = self.poll()
             if code is not None:
                 if self._reader is not None:

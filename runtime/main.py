@@ -207,16 +207,13 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
     log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
 
     process: VllmProcess | None = None
-    stop_requested_at: float | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stop_requested_at
         if process is None:
             raise Stopped(signum)
-        if stop_requested_at is None:
-            stop_requested_at = time.monotonic()
+        if process.stop_requested_at is None:
             log.info("received %s: stopping vLLM", signal.Signals(signum).name)
-        process.send_signal(signum)
+        process.request_stop(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -316,9 +313,11 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
         status.update(phase="stopped")
         return 128 + stop.signum
     except (VerifyError, LaunchError, NeuronCacheError) as error:
-        if process is not None and stop_requested_at is not None:
-            code = _exit_code(process.wait())
+        if process is not None and process.stop_requested_at is not None:
+            # vLLM ignores SIGTERM while its engine starts: after the grace period, SIGKILL.
+            code = _exit_code(process.wait_after_stop(args.stop_grace_seconds))
             status.update(phase="stopped", exit_code=code)
+            log.info("vLLM stopped with code %d before it was ready", code)
             return code
         return _fail(status, step, error, process)
     except Exception as error:
@@ -326,14 +325,14 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
 
     # Serving: wait for vLLM; after a forwarded SIGTERM it gets stop_grace_seconds, then SIGKILL.
     while process.poll() is None:
-        if stop_requested_at is not None and (
-            time.monotonic() - stop_requested_at > args.stop_grace_seconds
-        ):
-            log.warning("vLLM still running %.0f s after SIGTERM: killing", args.stop_grace_seconds)
-            process.kill_group()
+        if process.stop_requested_at is not None:
+            break
         time.sleep(0.2)
-    code = _exit_code(process.wait())
-    status.update(phase="stopped" if stop_requested_at is not None else "exited", exit_code=code)
+    stopping = process.stop_requested_at is not None
+    code = _exit_code(
+        process.wait_after_stop(args.stop_grace_seconds) if stopping else process.wait()
+    )
+    status.update(phase="stopped" if stopping else "exited", exit_code=code)
     log.info("vLLM exited with code %d", code)
     return code
 

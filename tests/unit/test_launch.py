@@ -325,3 +325,23 @@ def test_entry_point_requires_a_source() -> None:
 
     with pytest.raises(SystemExit):
         parse_args(["--model-dir", "/m"], {})
+
+
+def test_stop_during_startup_is_enforced_after_the_grace() -> None:
+    # vLLM ignores SIGTERM while its engine starts; the supervisor must not wait forever.
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + (
+        "print('starting', flush=True)\nwhile True: time.sleep(0.05)\n"
+    )
+    process = VllmProcess(
+        LaunchSpec(Path("/m"), "m", engine_args=[], port=1),
+        log=io.StringIO(),
+        command=[sys.executable, "-c", stubborn],
+    )
+    process.start()
+    time.sleep(0.3)
+    process.request_stop(signal.SIGTERM)
+    with pytest.raises(LaunchError, match="stop requested"):
+        process.wait_until_healthy(30, interval_seconds=0.1)
+    started = time.monotonic()
+    assert process.wait_after_stop(grace_seconds=0.5) == -signal.SIGKILL
+    assert time.monotonic() - started < 5
