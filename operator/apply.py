@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,7 +138,9 @@ class Kube:
             kubernetes.config.load_incluster_config()
             return cls(kubernetes.client.ApiClient())
         except kubernetes.config.ConfigException:
-            return cls(kubernetes.config.new_client_from_config())
+            # $KUBECONFIG is read now, not when the kubernetes package was imported.
+            config_file = os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0]
+            return cls(kubernetes.config.new_client_from_config(config_file=config_file))
 
     def request(
         self,
@@ -286,9 +289,16 @@ def _essence(obj: Mapping[str, Any] | None) -> Any:
 
 
 def apply_children(
-    kube: Kube, md_name: str, namespace: str, children: Iterable[Mapping[str, Any]]
+    kube: Kube,
+    md_name: str,
+    namespace: str,
+    children: Iterable[Mapping[str, Any]],
+    detect_changes: bool = True,
 ) -> ApplyResult:
-    """Apply every child, then prune the children (by label) that are no longer wanted."""
+    """Apply every child, then prune the children (by label) that are no longer wanted.
+
+    With detect_changes, each child is read first so that `changed` lists what the apply
+    altered (one more request per child)."""
     result = ApplyResult()
     keep: set[tuple[str, str, str, str]] = set()
     for child in children:
@@ -299,10 +309,10 @@ def apply_children(
             )
         kind = kind_of(child)
         _, _, child_namespace, name = object_key(child)
-        before = kube.get(kind, child_namespace or None, name)
+        before = kube.get(kind, child_namespace or None, name) if detect_changes else None
         after = kube.apply(child)
         result.applied.append(describe(child))
-        if _essence(before) != _essence(after):
+        if detect_changes and _essence(before) != _essence(after):
             result.changed.append(describe(child))
         keep.add(object_key(child))
     result.pruned = prune_children(kube, md_name, namespace, keep)

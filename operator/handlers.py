@@ -108,7 +108,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     )
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 32  # sync handlers wait on the API, not on the CPU
     node_groups = NodeGroups(config) if config.node_pool_mode == "eks-nodegroup" else None
     memo.context = Context(
         config=config,
@@ -116,6 +116,12 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         kube=Kube.from_environment(),
         node_groups=node_groups,
     )
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account in a cluster, else $KUBECONFIG (read now, not at import)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 def plan_and_render(context: Context, body: kopf.Body) -> tuple[Placement, Rendered, str]:
@@ -166,6 +172,7 @@ def report(
     context: Context,
     last_good: LastGood | None,
     failure: Failure | None,
+    generation: int,
     node_group_status: str | None = None,
 ) -> str:
     """Observe the workload, write status, post an Event per transition; returns the phase."""
@@ -199,7 +206,7 @@ def report(
     selector = ",".join(f"{k}={v}" for k, v in match_labels.items())
     update = build_status(
         ReconcileFacts(
-            generation=int(meta.get("generation") or 1),
+            generation=generation,
             failure=failure,
             placement=last_good.placement if last_good else None,
             pool_name=last_good.rendered.pool_name if last_good else None,
@@ -224,27 +231,28 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> 
     """Parse, inspect, plan, render, apply, report."""
     context: Context = memo.context
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    generation = int(body["metadata"].get("generation") or 1)
     with METRICS.reconcile() as outcome, _object_lock(memo):
         try:
             placement, rendered, endpoint = plan_and_render(context, body)
         except Rejected as rejected:
-            report(body, patch, context, getattr(memo, "last_good", None), rejected.failure)
+            memo.failure, memo.observed_generation = rejected.failure, generation
+            report(body, patch, context, getattr(memo, "last_good", None), memo.failure, generation)
             outcome[0] = "rejected"
             raise kopf.PermanentError(rejected.failure.message) from None
         try:
             node_group_status = apply_rendered(context, name, namespace, rendered)
         except KubeApiError as error:
             outcome[0] = "retry"
-            raise kopf.TemporaryError(
-                str(error), delay=RETRY_SECONDS if error.transient else 60
-            ) from None
+            delay = RETRY_SECONDS if error.transient else 60
+            raise kopf.TemporaryError(str(error), delay=delay) from None
         except Exception as error:  # boto3 (node groups): network or throttling, retried
             outcome[0] = "retry"
             raise kopf.TemporaryError(f"node group: {error}", delay=RETRY_SECONDS * 3) from None
-        generation = int(body["metadata"].get("generation") or 1)
         memo.last_good = LastGood(generation, placement, rendered, endpoint)
+        memo.failure, memo.observed_generation = None, generation
         METRICS.set_plan(namespace, name, placement)
-        report(body, patch, context, memo.last_good, None, node_group_status)
+        report(body, patch, context, memo.last_good, None, generation, node_group_status)
         outcome[0] = "success"
 
 
@@ -252,23 +260,23 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> 
 def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Restore children that were deleted or edited; refresh status and phase."""
     context: Context = memo.context
-    last_good: LastGood | None = getattr(memo, "last_good", None)
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    with _object_lock(memo):
-        try:
-            if last_good is not None:
-                apply_children(context.kube, name, namespace, last_good.rendered.children)
-            failure = None
-            previous = {
-                c.get("type"): c for c in (body.get("status") or {}).get("conditions") or []
-            }
-            for condition_type in ("Validated", "Planned"):
-                old = previous.get(condition_type) or {}
-                if old.get("status") == "False":  # a rejected spec stays rejected until edited
-                    failure = Failure(old.get("reason", "InvalidSpec"), str(old.get("message", "")))
-            report(body, patch, context, last_good, failure)
-        except KubeApiError as error:
-            raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from None
+    lock = _object_lock(memo)
+    if not lock.acquire(blocking=False):
+        return  # a change handler is reconciling this object right now; it writes the status
+    try:
+        generation: int | None = getattr(memo, "observed_generation", None)
+        if generation is None:
+            return  # the change handlers have not acted yet; they write the first status
+        last_good: LastGood | None = getattr(memo, "last_good", None)
+        if last_good is not None:
+            children = last_good.rendered.children
+            apply_children(context.kube, name, namespace, children, detect_changes=False)
+        report(body, patch, context, last_good, memo.failure, generation)
+    except KubeApiError as error:
+        raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from None
+    finally:
+        lock.release()
 
 
 @kopf.on.delete(*RESOURCE)

@@ -10,7 +10,9 @@ few API-server behaviours modelship relies on:
 - `metadata.uid`, `creationTimestamp`, `resourceVersion` and `metadata.generation` (bumped when
   `spec` changes), since owner references and `observedGeneration` need them;
 - `metadata.generateName` (kopf posts Events with it);
-- `labelSelector=k=v[,k=v]` on lists.
+- `labelSelector=k=v[,k=v]` on lists;
+- a bounded request log and object history: KMock records every request and scans the log on
+  each new one, which slows a long session (or the 1000-object benchmark) quadratically.
 
 Not emulated (real API-server features the tests do not rely on): owner-reference garbage
 collection (the operator prunes explicitly), field ownership of server-side apply (KMock merges
@@ -37,6 +39,7 @@ from typing import Any
 
 import aiohttp.web
 import attrs
+import jsonpatch
 import kmock
 import pytest
 import yaml
@@ -65,6 +68,8 @@ RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
 ]
 
 APPLY_PATCH = "application/apply-patch+yaml"
+KEEP_REQUESTS = 256  # recent requests kept for inspection
+KEEP_VERSIONS = 4  # recent versions kept per object
 
 
 def _now() -> str:
@@ -136,7 +141,41 @@ class ModelshipKubeEmulator(kmock.KubernetesEmulator):
                         meta["resourceVersion"] = self._next_version()
             elif request.action == enums.action.UPDATE:
                 data.setdefault("metadata", {})["resourceVersion"] = self._next_version()
+        if (
+            request.resource is not None
+            and request.action == enums.action.UPDATE
+            and isinstance(request.data, list)
+        ):
+            # JSON patch: a failed `test` op is 422 Unprocessable Entity, as from the API server
+            # (kopf guards finalizer and status patches with a resourceVersion test).
+            stored = self._stored(request)
+            if stored is not None:
+                try:
+                    jsonpatch.apply_patch(copy.deepcopy(stored), request.data)
+                except jsonpatch.JsonPatchTestFailed as error:
+                    # KMock's watch replays existing objects as ADDED after a list, so a
+                    # watcher can act on a body older than one it already changed; re-send
+                    # the current one (the API server would have streamed it in order).
+                    await self._buses[request.resource].put({"type": "MODIFIED", "object": stored})
+                    raise kmock.KubernetesError(
+                        status=422, reason="Invalid", message=str(error)
+                    ) from None
+                request.data.append(
+                    {
+                        "op": "add",
+                        "path": "/metadata/resourceVersion",
+                        "value": self._next_version(),
+                    }
+                )
+        # KMock keeps every request for assertions and scans them on each new request (by
+        # identity, per reaction): quadratic over a long session. Keep only the recent ones.
+        if len(self._requests) > 2 * KEEP_REQUESTS:
+            del self._requests[:-KEEP_REQUESTS]
         response = await super()._handle(request)
+        if request.resource is not None and request.name is not None:
+            key = (request.resource, request.namespace, request.name)
+            if key in self.objects and len(self.objects[key].history) > 2 * KEEP_VERSIONS:
+                del self.objects[key].history[:-KEEP_VERSIONS]
         return response
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
