@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import kubernetes
 import pytest
-
 from modelship.operator.apply import (
     DEPLOYMENT,
     EC2_NODE_CLASS,
@@ -27,6 +26,7 @@ from modelship.operator.apply import (
     pool_users,
 )
 from modelship.runtime.tinymodel import build_tiny_model
+
 from tests.servers.kube import KubeApi
 
 pytestmark = pytest.mark.integration
