@@ -1,11 +1,13 @@
 """EKS managed node groups (node_pool_mode = eks-nodegroup), through boto3's EKS client.
 
 A node group is shared by every ModelDeployment on the same hardware, like a Karpenter pool.
-Each user records its own request as a node group tag
-`modelship.dev/user-<hash of namespace/name>` = `<max>,<desired>,<disk GiB> <namespace>/<name>`
-(EKS TagResource: one key per user, so concurrent reconciles do not overwrite each other). The
-group's size is the sum of its users' requests (`nodepool.merge_node_group_requests`); the group
-is deleted when its last user leaves.
+Each user records its own request as a Kubernetes label of the node group (UpdateNodegroupConfig
+addOrUpdateLabels / removeLabels): `users.modelship.dev/<hash of namespace/name>` =
+`<max>.<desired>.<disk GiB>` — one key per user, so concurrent reconciles do not overwrite each
+other. (EKS tags would keep the nodes' labels clean, but moto, the test server, tags only
+clusters; labels work on both, and on the nodes they say which ModelDeployments asked for them.)
+The group's size is the sum of its users' requests (`nodepool.merge_node_group_requests`); the
+group is deleted when its last user leaves.
 
 What EKS can change in place is changed in place (scaling config, Kubernetes labels and taints);
 instance types, AMI type, capacity type and disk size are fixed at creation, so a change there
@@ -27,7 +29,7 @@ import boto3
 from .config import OperatorConfig
 from .nodepool import NodeGroupRequest, merge_node_group_requests
 
-USER_TAG_PREFIX = "modelship.dev/user-"
+USER_TAG_PREFIX = "users.modelship.dev/"
 MANAGED_TAG = "modelship.dev/managed-by"
 
 
@@ -41,23 +43,24 @@ def eks_client(config: OperatorConfig, endpoint_url: str | None = None) -> Any:
 
 
 def user_tag(namespace: str, name: str) -> str:
-    """The tag key one ModelDeployment writes on a node group it uses."""
+    """The label key one ModelDeployment writes on a node group it uses."""
     return USER_TAG_PREFIX + hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
 
 
-def _user_value(request: NodeGroupRequest, namespace: str, name: str) -> str:
-    return f"{request.max_size},{request.desired_size},{request.disk_size_gib} {namespace}/{name}"[
-        :256
-    ]
+def _user_value(request: NodeGroupRequest) -> str:
+    return f"{request.max_size}.{request.desired_size}.{request.disk_size_gib}"
 
 
 def _parse_user_value(base: NodeGroupRequest, value: str) -> NodeGroupRequest:
-    sizes = value.split(" ", 1)[0].split(",")
     try:
-        max_size, desired, disk = (int(part) for part in sizes)
-    except ValueError:  # a hand-written tag: count the user, add nothing
+        max_size, desired, disk = (int(part) for part in value.split("."))
+    except ValueError:  # a hand-written label: count the user, add nothing
         max_size, desired, disk = 0, 0, 0
     return replace(base, max_size=max_size, desired_size=desired, disk_size_gib=disk)
+
+
+def _users(labels: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if k.startswith(USER_TAG_PREFIX)}
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class NodeGroupState:
     min_size: int
     max_size: int
     desired_size: int
-    users: tuple[str, ...]
+    users: tuple[str, ...]  # the users' label keys (see user_tag)
     health: str
 
 
@@ -99,7 +102,6 @@ class NodeGroups:
         if group is None:
             return None
         scaling = group.get("scalingConfig") or {}
-        tags = group.get("tags") or {}
         issues = (group.get("health") or {}).get("issues") or []
         return NodeGroupState(
             name=name,
@@ -107,30 +109,20 @@ class NodeGroups:
             min_size=int(scaling.get("minSize", 0)),
             max_size=int(scaling.get("maxSize", 0)),
             desired_size=int(scaling.get("desiredSize", 0)),
-            users=tuple(
-                sorted(
-                    v.split(" ", 1)[-1] for k, v in tags.items() if k.startswith(USER_TAG_PREFIX)
-                )
-            ),
+            users=tuple(sorted(_users(group.get("labels") or {}))),
             health="; ".join(f"{i.get('code')}: {i.get('message')}" for i in issues),
         )
 
-    def _combined(
-        self, request: NodeGroupRequest, tags: Mapping[str, str], exclude: str
-    ) -> NodeGroupRequest:
-        others = [
-            _parse_user_value(request, value)
-            for key, value in tags.items()
-            if key.startswith(USER_TAG_PREFIX) and key != exclude
-        ]
-        zero = replace(request, max_size=0, desired_size=0, disk_size_gib=0)
-        combined = merge_node_group_requests([request, *others]) if others else [request]
-        merged = combined[0] if combined else zero
+    def _combined(self, base: NodeGroupRequest, users: Mapping[str, str]) -> NodeGroupRequest:
+        """The group's size for all its users: sizes add up, the disk is the largest."""
+        requests = [_parse_user_value(base, value) for value in users.values()]
+        merged = merge_node_group_requests(requests)[0] if requests else base
         return replace(merged, max_size=max(merged.max_size, merged.min_size, 1))
 
     def ensure(self, request: NodeGroupRequest, namespace: str, name: str) -> NodeGroupState:
         """Create the group, or record this user and resize it to all its users' needs."""
         key = user_tag(namespace, name)
+        labels = {**request.labels, key: _user_value(request)}
         group = self._describe(request.name)
         if group is None:
             if not self.config.subnet_ids or not self.config.node_role:
@@ -152,17 +144,15 @@ class NodeGroups:
                 instanceTypes=list(request.instance_types),
                 amiType=request.ami_type,
                 nodeRole=self.config.node_role,
-                labels=dict(request.labels),
+                labels=labels,
                 taints=[dict(t) for t in request.taints],
                 capacityType=request.capacity_type,
-                tags={MANAGED_TAG: "modelship", key: _user_value(request, namespace, name)},
+                tags={MANAGED_TAG: "modelship"},
             )
         else:
-            self.client.tag_resource(
-                resourceArn=group["nodegroupArn"], tags={key: _user_value(request, namespace, name)}
-            )
-            self._resize(group, self._combined(request, group.get("tags") or {}, exclude=key))
-            self._relabel(group, request)
+            users = {**_users(group.get("labels") or {}), key: _user_value(request)}
+            self._relabel(group, labels, request.taints)
+            self._resize(group, self._combined(request, users))
         state = self.state(request.name)
         assert state is not None
         return state
@@ -182,21 +172,21 @@ class NodeGroups:
             scalingConfig=target,
         )
 
-    def _relabel(self, group: Mapping[str, Any], request: NodeGroupRequest) -> None:
+    def _relabel(
+        self, group: Mapping[str, Any], wanted: Mapping[str, str], taints: list[dict[str, str]]
+    ) -> None:
+        """Add or update `wanted` labels (other users' keys are left alone) and set the taints."""
         labels = dict(group.get("labels") or {})
-        taints = [dict(t) for t in group.get("taints") or []]
-        wanted_taints = [dict(t) for t in request.taints]
         update: dict[str, Any] = {}
-        if labels != request.labels:
-            removed = [k for k in labels if k not in request.labels]
-            update["labels"] = {"addOrUpdateLabels": dict(request.labels)}
-            if removed:
-                update["labels"]["removeLabels"] = removed
-        if sorted(map(str, taints)) != sorted(map(str, wanted_taints)):
+        if any(labels.get(k) != v for k, v in wanted.items()):
+            update["labels"] = {"addOrUpdateLabels": dict(wanted)}
+        current_taints = [dict(t) for t in group.get("taints") or []]
+        wanted_taints = [dict(t) for t in taints]
+        if sorted(map(str, current_taints)) != sorted(map(str, wanted_taints)):
             update["taints"] = {"addOrUpdateTaints": wanted_taints}
-            removed_taints = [t for t in taints if t not in wanted_taints]
-            if removed_taints:
-                update["taints"]["removeTaints"] = removed_taints
+            removed = [t for t in current_taints if t not in wanted_taints]
+            if removed:
+                update["taints"]["removeTaints"] = removed
         if update:
             self.client.update_nodegroup_config(
                 clusterName=self.config.cluster_name, nodegroupName=group["nodegroupName"], **update
@@ -206,27 +196,23 @@ class NodeGroups:
         """Drop this user from every group but `keep`; delete groups left without users,
         shrink the others. Returns the groups deleted."""
         key = user_tag(namespace, name)
+        cluster = self.config.cluster_name
         deleted = []
         paginator = self.client.get_paginator("list_nodegroups")
-        for page in paginator.paginate(clusterName=self.config.cluster_name):
+        for page in paginator.paginate(clusterName=cluster):
             for group_name in page.get("nodegroups", []):
-                if group_name == keep:
+                group = None if group_name == keep else self._describe(group_name)
+                users = _users((group or {}).get("labels") or {})
+                if group is None or key not in users:
                     continue
-                group = self._describe(group_name)
-                tags = (group or {}).get("tags") or {}
-                if group is None or key not in tags:
-                    continue
-                self.client.untag_resource(resourceArn=group["nodegroupArn"], tagKeys=[key])
-                others = {
-                    k: v for k, v in tags.items() if k.startswith(USER_TAG_PREFIX) and k != key
-                }
+                others = {k: v for k, v in users.items() if k != key}
                 if not others:
-                    self.client.delete_nodegroup(
-                        clusterName=self.config.cluster_name, nodegroupName=group_name
-                    )
+                    self.client.delete_nodegroup(clusterName=cluster, nodegroupName=group_name)
                     deleted.append(group_name)
                     continue
-                first_key, first_value = next(iter(others.items()))
+                self.client.update_nodegroup_config(
+                    clusterName=cluster, nodegroupName=group_name, labels={"removeLabels": [key]}
+                )
                 scaling = group.get("scalingConfig") or {}
                 base = NodeGroupRequest(
                     name=group_name,
@@ -238,8 +224,5 @@ class NodeGroups:
                     max_size=0,
                     desired_size=0,
                 )
-                wanted = self._combined(
-                    _parse_user_value(base, first_value), others, exclude=first_key
-                )
-                self._resize(group, wanted)
+                self._resize(group, self._combined(base, others))
         return deleted
