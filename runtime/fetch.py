@@ -745,8 +745,8 @@ class _Engine:
         if job.done:
             self.counters.add_reused(job.resumed_bytes)
         todo = [index for index in range(len(job.parts)) if index not in job.done]
-        if not todo:
-            # Every part is on disk from an earlier run: hash what is there and finish.
+        if job.done or not todo:
+            # Parts on disk from an earlier run (or none at all): hash them, finish if complete.
             self.pool.submit(self._guard, self._advance_all, job)
         for index in todo:
             self.pool.submit(self._guard, self._part, job, index)

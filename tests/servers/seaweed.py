@@ -191,6 +191,7 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     served_faults: dict[str, int] = field(default_factory=dict)
     requests_seen: int = 0
+    request_lines: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: socket.socket | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -218,6 +219,7 @@ class FaultProxy:
             self.faults.clear()
             self.served_faults.clear()
             self.requests_seen = 0
+            self.request_lines.clear()
 
     def start(self) -> None:
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -244,6 +246,7 @@ class FaultProxy:
     def _take_fault(self, request_line: str) -> Fault | None:
         with self.lock:
             self.requests_seen += 1
+            self.request_lines.append(request_line)
             for fault in self.faults:
                 if fault.count > 0 and fault.match in request_line:
                     fault.count -= 1
