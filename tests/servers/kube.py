@@ -68,7 +68,7 @@ RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
 ]
 
 APPLY_PATCH = "application/apply-patch+yaml"
-KEEP_REQUESTS = 256  # recent requests kept for inspection
+KEEP_REQUESTS = 16  # recent requests kept (KMock scans them all on every request)
 KEEP_VERSIONS = 4  # recent versions kept per object
 
 
