@@ -63,7 +63,9 @@ def parse_parameter_count(value: str | int, field: str = "spec.model.parameters"
             )
         count = round(float(match.group(1)) * _PARAM_SCALE[match.group(2).lower()])
     if count <= 0:
-        raise SpecError(field, f"{value!r} must be a positive parameter count.")
+        raise SpecError(
+            field, f"{value!r} must be a positive parameter count, e.g. 8B or 7000000000."
+        )
     return count
 
 
