@@ -144,6 +144,8 @@ def test_sha256_checksum_is_used_when_the_store_keeps_one(s3_env: S3Server, tmp_
     upload(client, prefix, small_model(shards=1), ChecksumAlgorithm="SHA256")
     report = fetch(s3_env, prefix, tmp_path / "model")
     assert set(report.verification.values()) == {"sha256"}
+    unverified = fetch(s3_env, prefix, tmp_path / "other", verify_checksums=False)
+    assert set(unverified.verification.values()) == {"size"}
 
 
 def test_large_multipart_object_resumes_after_a_killed_fetch(
