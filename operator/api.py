@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .engine import PLANNED_FLAGS
@@ -290,6 +297,17 @@ class ReplicasSpec(_Model):
     max: int | None = Field(
         None, ge=1, description="Most replicas; defaults to min (no autoscaling)."
     )
+
+    @field_validator("max")
+    @classmethod
+    def _max_not_below_min(cls, value: int | None, info: ValidationInfo) -> int | None:
+        minimum = info.data.get("min", 1)
+        if value is not None and value < max(minimum, 1):
+            raise ValueError(
+                f"{value} is below replicas.min ({minimum}); raise replicas.max or lower replicas.min."
+            )
+        return value
+
     target_queue_length: int = Field(
         4,
         ge=1,
@@ -309,15 +327,6 @@ class ModelDeploymentSpec(_Model):
     replicas: ReplicasSpec = Field(
         default_factory=ReplicasSpec, description="Replica bounds for the autoscaler."
     )
-
-    @model_validator(mode="after")
-    def _cross_field(self) -> ModelDeploymentSpec:
-        if self.replicas.max is not None and self.replicas.max < max(self.replicas.min, 1):
-            raise ValueError(
-                "replicas.max must be at least replicas.min (and at least 1); raise replicas.max "
-                "or lower replicas.min."
-            )
-        return self
 
 
 # CEL rules the API server enforces on the spec (the pydantic validators above say the same).

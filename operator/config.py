@@ -60,6 +60,10 @@ class OperatorConfig(BaseModel):
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint override for S3-compatible stores."
     )
+    prometheus_url: str = Field(
+        "http://prometheus-operated.monitoring.svc.cluster.local:9090",
+        description="Prometheus that KEDA's triggers query for vLLM's queue and KV-cache metrics.",
+    )
     neuron_cache_uri: str | None = Field(
         None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
     )

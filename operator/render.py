@@ -66,9 +66,6 @@ STOP_MARGIN_SECONDS = 10  # the runtime kills vLLM this long before the kubelet 
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_MARGIN_SECONDS = 300  # image pull and scheduling noise on top of twice the estimate
 KV_CACHE_SCALE_THRESHOLD = "0.85"
-# Default Prometheus when the operator config has no prometheus_url: prometheus-operator's
-# governing Service in the conventional namespace.
-DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc.cluster.local:9090"
 
 
 class RenderError(ValueError):
@@ -574,7 +571,7 @@ def _scaled_object(
     md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
 ) -> dict[str, Any]:
     low, high = replica_bounds(md)
-    server = getattr(config, "prometheus_url", None) or DEFAULT_PROMETHEUS_URL
+    server = config.prometheus_url
     selector = _metric_selector(md)
     spec: dict[str, Any] = {
         "scaleTargetRef": workload_ref(md, placement),

@@ -453,13 +453,13 @@ def _evaluate(candidate: _Candidate, request: Request, info: ModelInfo) -> Place
         pipeline_parallel_size=pp,
         max_model_len=request.max_model_len,
         max_num_seqs=max_num_seqs,
-        dtype=TORCH_DTYPES[dtype],  # type: ignore[arg-type]
+        dtype=TORCH_DTYPES[dtype],
         quantization=request.fmt.online_quantization,
         kv_cache_dtype=request.kv_cache_dtype,
         runner="pooling" if spec.model.task == "embed" else "generate",
         enforce_eager=request.enforce_eager and "--enforce-eager" not in spec.serving.engine_args,
         generation_defaults=sampling.engine_defaults() if sampling else {},
-        **engine_extra,  # type: ignore[arg-type]
+        **engine_extra,
     )
     compile_seconds = (
         0 if device == "cuda" else int(request.weight_bytes / GIB * NEURON_COMPILE_SECONDS_PER_GIB)
@@ -678,7 +678,7 @@ def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
 
 def _replace_request(request: Request, **changes: object) -> Request:
     fields = {**request.__dict__, **changes}
-    return Request(**fields)  # type: ignore[arg-type]
+    return Request(**fields)
 
 
 def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:

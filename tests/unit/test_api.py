@@ -7,7 +7,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from modelship.operator import api
 from modelship.operator.api import SpecError, load_manifest, load_spec, parse_parameter_count
 from modelship.operator.crd import build_crd, crd_yaml
@@ -103,8 +102,8 @@ def test_defaults() -> None:
         ({"model": {"uri": "s3://models/m", "parameters": "lots"}}, "spec.model.parameters", "8B"),
         (
             {"model": {"uri": "s3://models/m"}, "replicas": {"min": 3, "max": 2}},
-            "spec",
-            "replicas.max",
+            "spec.replicas.max",
+            "replicas.min",
         ),
         (
             {
@@ -139,7 +138,7 @@ def test_manifest_checks_kind_and_version() -> None:
     assert load_manifest(document)[0] == "m"
     with pytest.raises(SpecError, match="apiVersion"):
         load_manifest({**document, "apiVersion": "modelship.dev/v1"})
-    with pytest.raises(SpecError, match="metadata.name"):
+    with pytest.raises(SpecError, match=r"metadata\.name"):
         load_manifest({**document, "metadata": {}})
 
 

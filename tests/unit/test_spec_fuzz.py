@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modelship.operator.api import ModelDeploymentSpec, SpecError, load_spec
@@ -119,11 +118,6 @@ def test_non_mapping_spec_is_a_spec_error(spec: Any) -> None:
         assert error.field.startswith("spec")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.py's model validator raises without a location, so load_spec names 'spec' "
-    "instead of 'spec.replicas.max' (reported to the owner of api.py)",
-)
 def test_cross_field_error_names_the_field() -> None:
     spec = {"model": {"uri": "s3://bucket/llama"}, "replicas": {"min": 3, "max": 1}}
     try:
