@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .catalog import Catalog, CatalogError, load_catalog
 from .config import ConfigError
 from .modelinfo import ModelInfoError, inspect_model
 from .plan import ModelInfo, Placement, Plan
+from .render import RenderError
 from .source import SourceError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_FIT = 0, 1, 2
@@ -242,18 +244,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .config import load_config
-    from .render import ModelDeploymentRef, render_documents
+    from .render import ModelDeploymentRef, render
 
     name, spec, plan = build_plan(args)
     if plan.chosen is None:
         print(format_plan(plan), file=sys.stderr)
         return EXIT_NO_FIT
-    config = load_config()
+    overrides = {
+        "MODELSHIP_NODE_POOL_MODE": args.node_pool_mode,
+        "MODELSHIP_CLUSTER_NAME": args.cluster_name,
+        "MODELSHIP_NODE_ROLE": args.node_role,
+        "MODELSHIP_AUTOSCALER": args.autoscaler,
+    }
+    config = load_config({**os.environ, **{k: v for k, v in overrides.items() if v}})
     md = ModelDeploymentRef(
         name=name, namespace=args.namespace, uid=args.uid or "", generation=1, spec=spec
     )
-    documents = render_documents(md, plan.chosen, config)
+    rendered = render(md, plan.chosen, config)
+    documents = [*rendered.node_pool_objects, *rendered.children]
+    if rendered.node_group is not None:
+        # Not a Kubernetes object: the operator creates it through the EKS API (boto3).
+        text = yaml.safe_dump({"eksManagedNodeGroup": asdict(rendered.node_group)}, sort_keys=False)
+        print("".join(f"# {line}\n" for line in text.splitlines()), end="")
     if not args.uid:
         # Without the live object's uid there is no owner to point at; the operator sets it.
         for document in documents:
@@ -354,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_flags(render)
     render.add_argument("-n", "--namespace", default="default")
     render.add_argument("--uid", help="the live ModelDeployment's uid, to set ownerReferences")
+    render.add_argument(
+        "--node-pool-mode",
+        help="karpenter, eks-nodegroup or none (default: MODELSHIP_NODE_POOL_MODE or karpenter)",
+    )
+    render.add_argument("--cluster-name", help="EKS cluster name (default: MODELSHIP_CLUSTER_NAME)")
+    render.add_argument("--node-role", help="IAM role of the nodes (default: MODELSHIP_NODE_ROLE)")
+    render.add_argument(
+        "--autoscaler", help="keda, hpa or none (default: MODELSHIP_AUTOSCALER or keda)"
+    )
     render.set_defaults(handler=cmd_render)
 
     crd = commands.add_parser("crd", help="print the ModelDeployment CRD")
@@ -384,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{error.field} ({flag})" if flag and not getattr(args, "file", None) else error.field
         )
         return _error(f"{where}: {error.message}")
-    except (CliError, CatalogError, SourceError, ModelInfoError, ConfigError) as error:
+    except (CliError, CatalogError, SourceError, ModelInfoError, ConfigError, RenderError) as error:
         return _error(str(error))
 
 

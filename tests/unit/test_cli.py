@@ -1,0 +1,268 @@
+"""`modelship plan`, `render`, `crd` and `catalog`, run in-process as a user would type them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from modelship.operator.cli import main
+
+from . import configs
+from .schemas import validate_object
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def llama_dir(tmp_path: Path) -> Path:
+    """A package with only a config.json: --params supplies the count."""
+    directory = tmp_path / "llama-3-8b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(configs.LLAMA_3_8B))
+    return directory
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_table_shows_chosen_then_alternatives_then_rejected(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path
+) -> None:
+    code, out, _ = run(
+        capsys, "plan", "--model", str(llama_dir), "--params", "8B", "--max-model-len", "8192"
+    )
+    assert code == 0
+    assert out.index("Chosen    g6.xlarge") < out.index("Alternatives") < out.index("Rejected")
+    assert "vllm serve --tensor-parallel-size 1 --max-model-len 8192" in out
+    assert "g4dn.xlarge" in out.split("Rejected")[1]
+
+
+def test_plan_json_and_yaml_follow_the_contract(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path
+) -> None:
+    code, out, _ = run(
+        capsys, "plan", "--model", f"file://{llama_dir}", "--params", "8B", "-o", "json"
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["model"]["numKeyValueHeads"] == 8
+    assert data["chosen"]["instanceType"] == "g6.xlarge"
+    assert data["chosen"]["engineArgs"][:2] == ["--tensor-parallel-size", "1"]
+    assert "engine" not in data["chosen"]
+    assert {"instanceType", "acceleratorCount", "reason"} == set(data["rejected"][0])
+    code, out, _ = run(capsys, "plan", "--model", str(llama_dir), "--params", "8B", "-o", "yaml")
+    assert yaml.safe_load(out)["chosen"]["instanceType"] == "g6.xlarge"
+
+
+def test_plan_from_a_model_deployment_file(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "md.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "modelship.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {"name": "llama"},
+                "spec": {
+                    "model": {"uri": f"file://{llama_dir}", "parameters": "8B"},
+                    "serving": {"maxModelLen": 4096, "concurrency": 10},
+                    "accelerator": {"family": "inferentia"},
+                },
+            }
+        )
+    )
+    code, out, _ = run(capsys, "plan", "-f", str(manifest), "-o", "json")
+    assert code == 0
+    chosen = json.loads(out)["chosen"]
+    assert (chosen["instanceType"], chosen["tensorParallelSize"]) == ("inf2.8xlarge", 2)
+
+
+def test_nothing_fits_exits_2_and_says_what_would(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    directory = tmp_path / "70b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(configs.LLAMA_3_70B))
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--model",
+        str(directory),
+        "--params",
+        "70.6B",
+        "--instance-types",
+        "g5.xlarge",
+    )
+    assert code == 2
+    assert "nothing fits" in out
+    assert "spec.model.quantization" in out or "spec.accelerator" in out
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--model",
+        str(directory),
+        "--params",
+        "70.6B",
+        "--instance-types",
+        "g5.xlarge",
+        "-o",
+        "json",
+    )
+    assert code == 2
+    data = json.loads(out)
+    assert data["chosen"] is None and data["suggestions"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ["--quantization", "int3"],
+            "spec.model.quantization (--quantization): 'int3' is not allowed",
+        ),
+        (["--max-model-len", "-5"], "spec.serving.maxModelLen (--max-model-len)"),
+        (
+            ["--tensor-parallel-size", "3"],
+            "spec.accelerator.tensorParallelSize (--tensor-parallel-size): tensor-parallel 3 does not divide the 32 attention heads; use one of 1, 2, 4, 8",
+        ),
+        (["--params", "eight billion"], "spec.model.parameters (--params)"),
+        (["--max-model-len", "100000"], "exceeds the model's max_position_embeddings (8192)"),
+    ],
+)
+def test_bad_input_exits_1_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path, flags: list[str], expected: str
+) -> None:
+    argv = ["plan", "--model", str(llama_dir), "--params", "8B", *flags]
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    assert out == ""
+    assert expected in err
+
+
+def test_unreadable_config_json_names_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "plan", "--model", str(tmp_path), "--params", "8B")
+    assert code == 1
+    assert "config.json" in err
+
+
+def test_params_alone_is_not_enough(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", "--params", "70B", "--quantization", "int4")
+    assert code == 1
+    assert "--model is required" in err
+
+
+def test_catalog_override_adds_an_instance_type(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path, tmp_path: Path
+) -> None:
+    override = tmp_path / "catalog.yaml"
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "priceSources": {"negotiated": "our private pricing agreement"},
+                "instanceTypes": [
+                    {
+                        "name": "g6.xlarge",
+                        "accelerator": "nvidia-l4",
+                        "count": 1,
+                        "vcpus": 4,
+                        "memoryGiB": 16,
+                        "networkGbps": "10",
+                        "efa": False,
+                        "usdPerHour": 0.30,
+                        "priceSource": "negotiated",
+                    },
+                ],
+            }
+        )
+    )
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--catalog",
+        str(override),
+        "-o",
+        "json",
+    )
+    assert code == 0
+    assert json.loads(out)["chosen"]["costPerHourUsd"] == 0.30
+    override.write_text("instanceTypes: [{name: x1, accelerator: nvidia-zz}]")
+    code, _, err = run(
+        capsys, "plan", "--model", str(llama_dir), "--params", "8B", "--catalog", str(override)
+    )
+    assert code == 1
+    assert "catalog" in err
+
+
+def test_render_prints_valid_objects_in_apply_order(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "render",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--cluster-name",
+        "demo",
+        "--node-role",
+        "KarpenterNodeRole-demo",
+    )
+    assert code == 0
+    documents = list(yaml.safe_load_all(out))
+    kinds = [d["kind"] for d in documents]
+    assert kinds[:2] == ["EC2NodeClass", "NodePool"]
+    assert "Deployment" in kinds and "Service" in kinds
+    for document in documents:
+        assert "ownerReferences" not in document["metadata"]
+        validate_object(document)
+
+
+def test_render_in_node_group_mode_shows_the_request(
+    capsys: pytest.CaptureFixture[str], llama_dir: Path
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "render",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--node-pool-mode",
+        "eks-nodegroup",
+    )
+    assert code == 0
+    assert "#   ami_type: AL2023_x86_64_NVIDIA" in out
+    assert "NodePool" not in [d["kind"] for d in yaml.safe_load_all(out) if d]
+
+
+def test_crd_command_prints_the_committed_crd(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "crd")
+    assert code == 0
+    assert out == (REPO / "crds" / "modeldeployments.modelship.dev.yaml").read_text()
+
+
+def test_catalog_command_lists_every_instance_type(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "catalog")
+    assert code == 0
+    for name in [
+        "g4dn.xlarge",
+        "p5en.48xlarge",
+        "inf2.48xlarge",
+        "trn1n.32xlarge",
+        "trn2.48xlarge",
+    ]:
+        assert name in out
