@@ -398,7 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"operator": cmd_operator, "runtime": cmd_runtime, "demo": cmd_demo}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        # These commands parse their own flags (argparse's REMAINDER drops a leading --flag).
+        return PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
