@@ -72,7 +72,14 @@ def run_round(kube: Kube, size: int, model_uri: str, timeout_seconds: float) -> 
         kube.request("POST", MD.path(namespace), body=body)
         created[name] = time.monotonic()
     deadline = time.monotonic() + timeout_seconds
+    next_report = time.monotonic() + 30
     while len(seen) < size and time.monotonic() < deadline:
+        if time.monotonic() > next_report:  # partial figures survive an interrupted round
+            print(
+                f"  {size}: {len(seen)} reconciled after {time.monotonic() - started:.0f}s",
+                flush=True,
+            )
+            next_report += 30
         now = time.monotonic()
         for item in kube.list(MD, namespace):
             name = item["metadata"]["name"]
