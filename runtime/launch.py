@@ -165,25 +165,24 @@ class KvCacheGauge:
         self.gauge.labels(source="engine").set(tokens)
 
 
-class VllmProcess:
-    """vLLM as a supervised child process."""
+class SupervisedProcess:
+    """A child process the runtime stays the parent of: its own process group, output copied
+    line by line to the log, signals forwarded, a grace period before SIGKILL on its group."""
 
     def __init__(
         self,
-        spec: LaunchSpec,
+        command: Sequence[str],
+        env: Mapping[str, str],
         *,
-        env: Mapping[str, str] | None = None,
+        name: str = "child",
         log: IO[str] | None = None,
-        on_kv_cache: Callable[[KvCacheCapacity], None] | None = None,
-        command: Sequence[str] | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
-        self.spec = spec
-        # `command` replaces the vLLM command line, e.g. to wrap it (numactl, a profiler).
-        self.command = list(command) if command is not None else build_command(spec)
-        self.env = build_environment(spec, env)
+        self.command = list(command)
+        self.env = dict(env)
+        self.name = name
         self._log = log if log is not None else sys.stdout
-        self._on_kv_cache = on_kv_cache
-        self.kv_cache: KvCacheCapacity | None = None
+        self._on_line_callback = on_line
         # Set by request_stop: vLLM ignores SIGTERM while its engine starts, so the caller
         # enforces a grace period from this moment (see kill_group).
         self.stop_requested_at: float | None = None
@@ -196,7 +195,7 @@ class VllmProcess:
         return self._process.pid if self._process else None
 
     def start(self) -> None:
-        """Start vLLM; its output is copied to the log by a reader thread."""
+        """Start the child; its output is copied to the log by a reader thread."""
         self._process = subprocess.Popen(
             self.command,
             env=self.env,
@@ -205,10 +204,12 @@ class VllmProcess:
             text=True,
             errors="replace",
             bufsize=1,
-            # Its own process group: a final SIGKILL reaches the engine-core workers too.
+            # Its own process group: a final SIGKILL reaches its workers too.
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._copy_output, name="vllm-output", daemon=True)
+        self._reader = threading.Thread(
+            target=self._copy_output, name=f"{self.name}-output", daemon=True
+        )
         self._reader.start()
 
     def _copy_output(self) -> None:
@@ -217,20 +218,19 @@ class VllmProcess:
             self._log.write(line)
             self._log.flush()
             self.tail = [*self.tail[-39:], line.rstrip("\n")]
-            if self.kv_cache is None:
-                capacity = parse_kv_cache_line(line)
-                if capacity is not None:
-                    self.kv_cache = capacity
-                    if self._on_kv_cache is not None:
-                        self._on_kv_cache(capacity)
+            self._on_line(line)
+
+    def _on_line(self, line: str) -> None:
+        if self._on_line_callback is not None:
+            self._on_line_callback(line)
 
     def poll(self) -> int | None:
-        """vLLM's exit code, or None while it runs."""
+        """The child's exit code, or None while it runs."""
         assert self._process is not None
         return self._process.poll()
 
     def wait(self) -> int:
-        """Wait for vLLM to exit and return its exit code (negative: killed by that signal)."""
+        """Wait for the child to exit and return its exit code (negative: killed by a signal)."""
         assert self._process is not None
         code = self._process.wait()
         if self._reader is not None:
@@ -238,7 +238,7 @@ class VllmProcess:
         return code
 
     def send_signal(self, signum: int) -> None:
-        """Forward a signal to vLLM's API server (it shuts its engine down itself)."""
+        """Forward a signal to the child (vLLM's API server shuts its engine down itself)."""
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signum)
 
@@ -249,7 +249,7 @@ class VllmProcess:
         self.send_signal(signum)
 
     def wait_after_stop(self, grace_seconds: float) -> int:
-        """Wait for vLLM to exit after request_stop; SIGKILL its group once the grace is over."""
+        """Wait for the child to exit after request_stop; SIGKILL its group after the grace."""
         assert self._process is not None
         started = self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
         while self._process.poll() is None:
@@ -259,7 +259,8 @@ class VllmProcess:
         return self.wait()
 
     def kill_group(self) -> None:
-        """SIGKILL vLLM and every process of its group (engine-core workers)."""
+        """SIGKILL the child and every process of its group (vLLM's engine cores, Ray's
+        daemons)."""
         if self._process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._process.pid, signal.SIGKILL)
@@ -273,11 +274,43 @@ class VllmProcess:
         except subprocess.TimeoutExpired:
             self.kill_group()
             code = self._process.wait()
-        # Reap anything left in the group (engine cores whose parent died first).
+        # Reap anything left in the group (workers whose parent died first).
         self.kill_group()
         if self._reader is not None:
             self._reader.join(timeout=5)
         return code
+
+
+class VllmProcess(SupervisedProcess):
+    """vLLM as a supervised child process."""
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        *,
+        env: Mapping[str, str] | None = None,
+        log: IO[str] | None = None,
+        on_kv_cache: Callable[[KvCacheCapacity], None] | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        # `command` replaces the vLLM command line, e.g. to wrap it (numactl, a profiler).
+        super().__init__(
+            command if command is not None else build_command(spec),
+            build_environment(spec, env),
+            name="vllm",
+            log=log,
+        )
+        self.spec = spec
+        self._on_kv_cache = on_kv_cache
+        self.kv_cache: KvCacheCapacity | None = None
+
+    def _on_line(self, line: str) -> None:
+        if self.kv_cache is None:
+            capacity = parse_kv_cache_line(line)
+            if capacity is not None:
+                self.kv_cache = capacity
+                if self._on_kv_cache is not None:
+                    self._on_kv_cache(capacity)
 
     def wait_until_healthy(
         self, timeout_seconds: float, *, interval_seconds: float = 0.5, host: str = "127.0.0.1"

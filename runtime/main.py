@@ -26,6 +26,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,33 @@ from typing import Any
 
 from ..operator.source import parse_source
 from .fetch import FetchReport, fetch_model
-from .launch import KvCacheCapacity, KvCacheGauge, LaunchError, LaunchSpec, VllmProcess
+from .launch import (
+    KvCacheCapacity,
+    KvCacheGauge,
+    LaunchError,
+    LaunchSpec,
+    SupervisedProcess,
+    VllmProcess,
+)
 from .metrics import RuntimeMetrics, start_metrics_server
-from .neuron_cache import NeuronCache, NeuronCacheError, cache_key_for
+from .multinode import (
+    POLL_INTERVAL_SECONDS,
+    RAY_PORT,
+    RAY_STARTED_LINE,
+    MultiNodeError,
+    NodeCount,
+    find_ray,
+    leader_engine_args,
+    node_probe_command,
+    probe_nodes,
+    ray_address,
+    ray_head_command,
+    ray_worker_command,
+    resolve_leader_address,
+    should_retry_join,
+    wait_for_nodes,
+)
+from .neuron_cache import CacheKey, NeuronCache, NeuronCacheError, cache_key_for
 from .verify import VerifyError, verify_model_dir
 
 log = logging.getLogger("modelship.runtime")
@@ -132,6 +157,24 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="After SIGTERM, how long vLLM may take to stop before it is killed.",
     )
     option(
+        "--role",
+        choices=["leader", "worker"],
+        help="Multi-node (LeaderWorkerSet) role: the leader runs the Ray head and vLLM, a worker "
+        "joins the leader's Ray cluster. Unset: one node.",
+    )
+    option("--nodes", type=int, default=1, help="Nodes in the group, the leader included.")
+    option(
+        "--leader-address",
+        help="Worker: the leader's host (default: $LWS_LEADER_ADDRESS, which LWS sets).",
+    )
+    option("--ray-port", type=int, default=RAY_PORT, help="The Ray head's port on the leader.")
+    option(
+        "--nodes-timeout-seconds",
+        type=float,
+        help="How long the leader waits for every node to join, and a worker for the head "
+        "(default: --ready-timeout-seconds; workers fetch the weights first).",
+    )
+    option(
         "--status-file",
         type=Path,
         default=Path(DEFAULT_STATUS_FILE),
@@ -158,6 +201,12 @@ def parse_args(
         parser.error("--source is required (or MODELSHIP_RUNTIME_SOURCE)")
     if args.model_dir is None:
         parser.error("--model-dir is required (or MODELSHIP_RUNTIME_MODEL_DIR)")
+    if args.role is not None and args.nodes < 2:
+        parser.error(f"--role {args.role} needs --nodes 2 or more (the pods in the group)")
+    if args.role is None and args.nodes != 1:
+        parser.error(f"--nodes {args.nodes} needs --role leader or --role worker")
+    if args.nodes_timeout_seconds is None:
+        args.nodes_timeout_seconds = args.ready_timeout_seconds
     if not args.served_model_name:
         args.served_model_name = args.source.rstrip("/").rsplit("/", 1)[-1] or "model"
     return args, engine_args
@@ -196,148 +245,302 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def _start_ray_head(args: argparse.Namespace) -> SupervisedProcess:
+    head = SupervisedProcess(
+        ray_head_command(find_ray(), args.ray_port), dict(os.environ), name="ray-head"
+    )
+    log.info("starting the Ray head: %s", shlex.join(head.command))
+    head.start()
+    return head
+
+
+def _wait_for_workers(args: argparse.Namespace, head: SupervisedProcess) -> int:
+    """Block until --nodes Ray nodes are alive; the head's exit or a signal ends the wait."""
+    probe_command = node_probe_command()
+    last_alive = -1
+
+    def check() -> None:
+        code = head.poll()
+        if code is not None:
+            raise MultiNodeError(
+                f"the Ray head exited with code {code} before the group formed; its last lines:\n"
+                + "\n".join(head.tail[-15:])
+            )
+
+    def on_progress(count: NodeCount) -> None:
+        nonlocal last_alive
+        if count.alive != last_alive:
+            last_alive = count.alive
+            log.info(
+                "Ray cluster: %d of %d node(s) alive%s",
+                count.alive,
+                args.nodes,
+                f" ({count.error})" if count.error else "",
+            )
+
+    return wait_for_nodes(
+        args.nodes,
+        lambda: probe_nodes(probe_command),
+        timeout_seconds=args.nodes_timeout_seconds,
+        check=check,
+        on_progress=on_progress,
+    )
+
+
 def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int:
     """The runtime's steps; returns the process exit code."""
     metrics = RuntimeMetrics()
     kv_gauge = KvCacheGauge(metrics.registry)
     status = StatusFile(args.status_file, {"started_at": time.time(), "source": args.source})
+    if args.role is not None:
+        status.update(role=args.role, nodes=args.nodes)
     if args.predicted_kv_cache_tokens is not None:
         kv_gauge.set_plan(args.predicted_kv_cache_tokens)
     start_metrics_server(args.metrics_port, metrics.registry, addr=args.metrics_host)
     log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
 
-    process: VllmProcess | None = None
+    # The child whose exit ends the runtime: vLLM, or on a worker its `ray start --block`.
+    process: SupervisedProcess | None = None
+    head: SupervisedProcess | None = None  # the leader's Ray head, stopped after vLLM
+    joined = threading.Event()  # a worker's `ray start` printed RAY_STARTED_LINE
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if process is None:
             raise Stopped(signum)
         if process.stop_requested_at is None:
-            log.info("received %s: stopping vLLM", signal.Signals(signum).name)
+            log.info("received %s: stopping %s", signal.Signals(signum).name, process.name)
         process.request_stop(signum)
+
+    def on_worker_line(line: str) -> None:
+        if RAY_STARTED_LINE in line:
+            joined.set()
+
+    def start_worker(address: str) -> SupervisedProcess:
+        worker = SupervisedProcess(
+            ray_worker_command(find_ray(), address),
+            dict(os.environ),
+            name="ray-worker",
+            on_line=on_worker_line,
+        )
+        log.info("joining the leader's Ray cluster: %s", shlex.join(worker.command))
+        worker.start()
+        status.update(ray_pid=worker.pid)
+        return worker
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     step = "fetch"
     try:
-        metrics.set_phase("fetching")
-        status.update(phase="fetching")
-        log.info("fetching %s into %s", args.source, args.model_dir)
-        report = _fetch(args, metrics)
-        model_dir = Path(report.model_dir)
-        fetch_summary = {
-            "model_dir": str(model_dir),
-            "bytes_fetched": report.bytes_fetched,
-            "seconds": round(report.seconds, 3),
-            "rate_bytes_per_second": round(report.rate_bytes_per_second),
-            "cache_hits": report.cache_hits,
-            "retries": report.retries,
-            "files_skipped": len(report.skipped),
-            "served_in_place": report.served_in_place,
-        }
-        log.info(
-            "fetched %d bytes in %.2f s (%.1f MB/s), %d file(s) already local, %d retries",
-            report.bytes_fetched,
-            report.seconds,
-            report.rate_bytes_per_second / 1e6,
-            report.cache_hits,
-            report.retries,
-        )
-
-        step = "verify"
-        metrics.set_phase("verifying")
-        status.update(phase="verifying", fetch=fetch_summary)
-        verified = verify_model_dir(model_dir, trust_pickle=args.trust_pickle)
-        log.info(
-            "verified %s: %s, %d weight file(s), %d bytes of tensors",
-            model_dir,
-            verified.architecture,
-            len(verified.weight_files),
-            verified.weight_bytes,
-        )
-
-        step = "start"
-        metrics.set_phase("starting")
-        status.update(phase="starting")
-        cache: NeuronCache | None = None
-        cache_key = None
-        if args.device == "neuron" and args.neuron_cache:
-            cache = NeuronCache(args.neuron_cache, endpoint_url=args.s3_endpoint_url)
-            cache_key = cache_key_for(model_dir, engine_args)
-            if cache.restore(cache_key, args.neuron_artifacts_dir):
-                log.info("neuron cache hit: %s", cache.location(cache_key))
-            else:
-                log.info("neuron cache miss: %s (vLLM will compile)", cache.location(cache_key))
-
-        def on_kv_cache(capacity: KvCacheCapacity) -> None:
-            kv_gauge.set_engine(capacity.tokens)
-            status.update(kv_cache_tokens=capacity.tokens)
+        try:
+            metrics.set_phase("fetching")
+            status.update(phase="fetching")
+            log.info("fetching %s into %s", args.source, args.model_dir)
+            report = _fetch(args, metrics)
+            model_dir = Path(report.model_dir)
+            fetch_summary = {
+                "model_dir": str(model_dir),
+                "bytes_fetched": report.bytes_fetched,
+                "seconds": round(report.seconds, 3),
+                "rate_bytes_per_second": round(report.rate_bytes_per_second),
+                "cache_hits": report.cache_hits,
+                "retries": report.retries,
+                "files_skipped": len(report.skipped),
+                "served_in_place": report.served_in_place,
+            }
             log.info(
-                "vLLM KV cache: %d tokens (plan predicted %s)",
-                capacity.tokens,
-                args.predicted_kv_cache_tokens,
+                "fetched %d bytes in %.2f s (%.1f MB/s), %d file(s) already local, %d retries",
+                report.bytes_fetched,
+                report.seconds,
+                report.rate_bytes_per_second / 1e6,
+                report.cache_hits,
+                report.retries,
             )
 
-        spec = LaunchSpec(
-            model_dir=model_dir,
-            served_model_name=args.served_model_name,
-            engine_args=engine_args,
-            device=args.device,
-            host=args.host,
-            port=args.port,
-            neuron_compiled_artifacts=args.neuron_artifacts_dir,
-            neuron_visible_cores=args.neuron_visible_cores,
-            cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+            step = "verify"
+            metrics.set_phase("verifying")
+            status.update(phase="verifying", fetch=fetch_summary)
+            verified = verify_model_dir(model_dir, trust_pickle=args.trust_pickle)
+            log.info(
+                "verified %s: %s, %d weight file(s), %d bytes of tensors",
+                model_dir,
+                verified.architecture,
+                len(verified.weight_files),
+                verified.weight_bytes,
+            )
+
+            metrics.set_phase("starting")
+            status.update(phase="starting")
+            if args.role == "worker":
+                step = "join the Ray cluster"
+                address = ray_address(
+                    resolve_leader_address(args.leader_address, os.environ), args.ray_port
+                )
+                status.update(leader=address)
+                process = start_worker(address)
+            else:
+                if args.role == "leader":
+                    step = "form the Ray cluster"
+                    engine_args = leader_engine_args(engine_args)
+                    head = _start_ray_head(args)
+                    status.update(ray_head_pid=head.pid)
+                    alive = _wait_for_workers(args, head)
+                    log.info("Ray cluster: all %d nodes alive", alive)
+                    status.update(ray_nodes_alive=alive)
+                step = "start"
+                cache, cache_key = _restore_neuron_cache(args, engine_args, report, model_dir)
+                vllm = _start_vllm(args, engine_args, model_dir, kv_gauge, status)
+                process = vllm
+                vllm.wait_until_healthy(args.ready_timeout_seconds)
+                _mark_ready(args, metrics, status, started, vllm)
+                if cache is not None and cache_key is not None:
+                    _publish_neuron_cache(args, cache, cache_key)
+        except Stopped as stop:
+            log.info("received %s before vLLM started: exiting", signal.Signals(stop.signum).name)
+            status.update(phase="stopped")
+            return 128 + stop.signum
+        except (VerifyError, LaunchError, NeuronCacheError, MultiNodeError) as error:
+            if process is not None and process.stop_requested_at is not None:
+                # vLLM ignores SIGTERM while its engine starts: after the grace period, SIGKILL.
+                code = _exit_code(process.wait_after_stop(args.stop_grace_seconds))
+                status.update(phase="stopped", exit_code=code)
+                log.info("%s stopped with code %d before it was ready", process.name, code)
+                return code
+            return _fail(status, step, error, process)
+        except Exception as error:
+            return _fail(status, step, error, process)
+
+        # Serving: wait for the child; after a forwarded SIGTERM it gets stop_grace_seconds.
+        first_attempt_at = time.monotonic()
+        while True:
+            while process.poll() is None and process.stop_requested_at is None:
+                if head is not None and head.poll() is not None:
+                    head_exit = MultiNodeError(
+                        f"the Ray head exited with code {head.poll()}; its last lines:\n"
+                        + "\n".join(head.tail[-15:])
+                    )
+                    return _fail(status, "serve", head_exit, process)
+                if joined.is_set() and status.data.get("phase") != "ready":
+                    _mark_ready(args, metrics, status, started, process)
+                time.sleep(0.2)
+            if process.stop_requested_at is not None:
+                break
+            code = process.wait()
+            if not (
+                args.role == "worker"
+                and not joined.is_set()
+                and should_retry_join(
+                    code, first_attempt_at, time.monotonic(), args.nodes_timeout_seconds
+                )
+            ):
+                break
+            # The head is not up yet (the leader is still fetching): try again, as vLLM's
+            # multi-node-serving.sh does.
+            log.info(
+                "Ray worker could not join (code %d); retrying in %.0f s",
+                code,
+                POLL_INTERVAL_SECONDS,
+            )
+            deadline = time.monotonic() + POLL_INTERVAL_SECONDS
+            while time.monotonic() < deadline and process.stop_requested_at is None:
+                time.sleep(0.2)
+            if process.stop_requested_at is not None:
+                break
+            process = start_worker(status.data["leader"])
+        stopping = process.stop_requested_at is not None
+        code = _exit_code(
+            process.wait_after_stop(args.stop_grace_seconds) if stopping else process.wait()
         )
-        process = VllmProcess(spec, on_kv_cache=on_kv_cache)
-        log.info("starting vLLM: %s", shlex.join(process.command))
-        process.start()
-        status.update(vllm_pid=process.pid)
-        process.wait_until_healthy(args.ready_timeout_seconds)
+        status.update(phase="stopped" if stopping else "exited", exit_code=code)
+        log.info("%s exited with code %d", process.name, code)
+        return code
+    finally:
+        if head is not None and head.poll() is None:
+            head.stop(grace_seconds=10)
 
-        time_to_ready = time.monotonic() - started
-        metrics.time_to_ready_seconds.set(time_to_ready)
-        metrics.set_phase("ready")
-        status.update(phase="ready", time_to_ready_seconds=round(time_to_ready, 3))
-        log.info("ready: vLLM answers on port %d, %.1f s after start", args.port, time_to_ready)
 
-        if cache is not None and cache_key is not None:
-            try:
-                if cache.publish(cache_key, args.neuron_artifacts_dir):
-                    log.info("neuron cache: published %s", cache.location(cache_key))
-            except (NeuronCacheError, OSError) as error:
-                # Serving goes on; the next pod compiles again.
-                log.warning("neuron cache: could not publish: %s", error)
-    except Stopped as stop:
-        log.info("received %s before vLLM started: exiting", signal.Signals(stop.signum).name)
-        status.update(phase="stopped")
-        return 128 + stop.signum
-    except (VerifyError, LaunchError, NeuronCacheError) as error:
-        if process is not None and process.stop_requested_at is not None:
-            # vLLM ignores SIGTERM while its engine starts: after the grace period, SIGKILL.
-            code = _exit_code(process.wait_after_stop(args.stop_grace_seconds))
-            status.update(phase="stopped", exit_code=code)
-            log.info("vLLM stopped with code %d before it was ready", code)
-            return code
-        return _fail(status, step, error, process)
-    except Exception as error:
-        return _fail(status, step, error, process)
+def _restore_neuron_cache(
+    args: argparse.Namespace, engine_args: list[str], report: FetchReport, model_dir: Path
+) -> tuple[NeuronCache | None, CacheKey | None]:
+    """On Neuron with a cache: its key, and the compiled artifacts restored when present."""
+    if args.device != "neuron" or not args.neuron_cache:
+        return None, None
+    cache = NeuronCache(args.neuron_cache, endpoint_url=args.s3_endpoint_url)
+    # Each weight file's ETag (or mtime, on a volume): two checkpoints with the same shapes
+    # never share compiled artifacts.
+    cache_key = cache_key_for(model_dir, engine_args, etags=report.file_etags)
+    if cache.restore(cache_key, args.neuron_artifacts_dir):
+        log.info("neuron cache hit: %s", cache.location(cache_key))
+    else:
+        log.info("neuron cache miss: %s (vLLM will compile)", cache.location(cache_key))
+    return cache, cache_key
 
-    # Serving: wait for vLLM; after a forwarded SIGTERM it gets stop_grace_seconds, then SIGKILL.
-    while process.poll() is None:
-        if process.stop_requested_at is not None:
-            break
-        time.sleep(0.2)
-    stopping = process.stop_requested_at is not None
-    code = _exit_code(
-        process.wait_after_stop(args.stop_grace_seconds) if stopping else process.wait()
+
+def _publish_neuron_cache(args: argparse.Namespace, cache: NeuronCache, key: CacheKey) -> None:
+    try:
+        if cache.publish(key, args.neuron_artifacts_dir):
+            log.info("neuron cache: published %s", cache.location(key))
+    except (NeuronCacheError, OSError) as error:
+        # Serving goes on; the next pod compiles again.
+        log.warning("neuron cache: could not publish: %s", error)
+
+
+def _start_vllm(
+    args: argparse.Namespace,
+    engine_args: list[str],
+    model_dir: Path,
+    kv_gauge: KvCacheGauge,
+    status: StatusFile,
+) -> VllmProcess:
+    """Start vLLM as a supervised child; its KV-cache line sets the engine gauge."""
+
+    def on_kv_cache(capacity: KvCacheCapacity) -> None:
+        kv_gauge.set_engine(capacity.tokens)
+        status.update(kv_cache_tokens=capacity.tokens)
+        log.info(
+            "vLLM KV cache: %d tokens (plan predicted %s)",
+            capacity.tokens,
+            args.predicted_kv_cache_tokens,
+        )
+
+    spec = LaunchSpec(
+        model_dir=model_dir,
+        served_model_name=args.served_model_name,
+        engine_args=engine_args,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        neuron_compiled_artifacts=args.neuron_artifacts_dir,
+        neuron_visible_cores=args.neuron_visible_cores,
+        cpu_kv_cache_gib=args.cpu_kv_cache_gib,
     )
-    status.update(phase="stopped" if stopping else "exited", exit_code=code)
-    log.info("vLLM exited with code %d", code)
-    return code
+    process = VllmProcess(spec, on_kv_cache=on_kv_cache)
+    log.info("starting vLLM: %s", shlex.join(process.command))
+    process.start()
+    status.update(vllm_pid=process.pid)
+    return process
 
 
-def _fail(status: StatusFile, step: str, error: BaseException, process: VllmProcess | None) -> int:
+def _mark_ready(
+    args: argparse.Namespace,
+    metrics: RuntimeMetrics,
+    status: StatusFile,
+    started: float,
+    process: SupervisedProcess,
+) -> None:
+    time_to_ready = time.monotonic() - started
+    metrics.time_to_ready_seconds.set(time_to_ready)
+    metrics.set_phase("ready")
+    status.update(phase="ready", time_to_ready_seconds=round(time_to_ready, 3))
+    if isinstance(process, VllmProcess):
+        log.info("ready: vLLM answers on port %d, %.1f s after start", args.port, time_to_ready)
+    else:
+        log.info("ready: joined the leader's Ray cluster %.1f s after start", time_to_ready)
+
+
+def _fail(
+    status: StatusFile, step: str, error: BaseException, process: SupervisedProcess | None
+) -> int:
     message = f"{step} failed: {error}"
     if process is not None and process.poll() is None:
         process.stop(grace_seconds=10)

@@ -990,10 +990,6 @@ def test_the_runtime_accepts_the_rendered_command_line(
     assert any(str(args.neuron_artifacts_dir).startswith(path) for path in mounts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/main.py has no --role/--nodes/--leader-address yet (multi-node on LWS)",
-)
 def test_the_runtime_accepts_the_multi_node_command_lines(rendered: dict[str, Rendered]) -> None:
     leader, worker = pod_specs(rendered["multi-node-keda"])
     leader_args, _ = parse_args(runtime(leader)["args"], env={})
