@@ -110,6 +110,9 @@ class FetchReport:
     cache_hits: int
     verification_failures: int
     verification: dict[str, VerifyMethod] = field(default_factory=dict)
+    # Each selected file's version: the S3 ETag (no quotes), or "mtime_ns:<n>" for a file on a
+    # volume (its size is in `files`); keys the Neuron compile cache by checkpoint.
+    file_etags: dict[str, str] = field(default_factory=dict)
 
 
 def fetch_model(
@@ -239,6 +242,10 @@ def _serve_in_place(
     selection = select_files(listing, trust_pickle=trust_pickle)
     selection = Selection(selection.files, selection.skipped + tuple(pruned))
     _record_skips(selection, metrics)
+    file_etags = {
+        selected.key: f"mtime_ns:{(root / selected.key).stat().st_mtime_ns}"
+        for selected in selection.files
+    }
     seconds = time.monotonic() - started
     if metrics is not None:
         metrics.fetch_expected_bytes.set(selection.total_bytes)
@@ -262,6 +269,7 @@ def _serve_in_place(
         retries=0,
         cache_hits=0,
         verification_failures=0,
+        file_etags=file_etags,
     )
 
 
@@ -1197,6 +1205,7 @@ def _run_transfer(
         cache_hits=cache_hits,
         verification_failures=counters.verification_failures,
         verification=verification,
+        file_etags={remote.key: remote.version for remote in remotes},
     )
 
 
