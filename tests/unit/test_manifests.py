@@ -1,0 +1,39 @@
+"""manifests/install.yaml is the chart rendered with default values, and every object is valid."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from tests.unit.schemas import validate_object
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "manifests_generate", ROOT / "manifests" / "generate.py"
+)
+assert _spec is not None and _spec.loader is not None
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
+
+
+def test_install_yaml_matches_the_chart() -> None:
+    assert generate.INSTALL.read_text() == generate.install_yaml(), (
+        "manifests/install.yaml drifted from helm/modelship: run .venv/bin/python manifests/generate.py"
+    )
+    assert generate.main(["--check"]) == 0
+
+
+def test_install_yaml_objects_are_valid_and_namespaced_in_order() -> None:
+    documents = [d for d in yaml.safe_load_all(generate.INSTALL.read_text()) if d]
+    kinds = [d["kind"] for d in documents]
+    assert kinds[:3] == ["CustomResourceDefinition"] * 3
+    assert kinds.index("Namespace") < kinds.index("Deployment")
+    for document in documents:
+        if document["apiVersion"] == "kopf.dev/v1":
+            assert document["metadata"]["name"] == "modelship"
+            continue
+        validate_object(document)
+        namespace = document["metadata"].get("namespace")
+        assert namespace in (None, generate.NAMESPACE), document["metadata"]
