@@ -145,6 +145,13 @@ def _gib(value: int | float) -> str:
     return f"{value / (1 << 30):.1f} GiB"
 
 
+def _count(value: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return str(value)
+
+
 def _cost(value: float | None) -> str:
     return "n/a" if value is None else f"${value:,.2f}"
 
@@ -167,7 +174,7 @@ def format_plan(plan: Plan) -> str:
     """The human-readable plan: model, needs, chosen placement, alternatives, rejections."""
     model, needs = plan.model, plan.needs
     out = [
-        f"Model     {model.architecture} ({model.model_type}), {model.parameters / 1e9:.2f}B "
+        f"Model     {model.architecture} ({model.model_type}), {_count(model.parameters)} "
         f"parameters ({model.parameters_source}), {model.dtype}"
         + (f", {model.quantization}" if model.quantization != "none" else ""),
         f"          {model.num_layers} layers, hidden {model.hidden_size}, "
