@@ -60,6 +60,11 @@ class OperatorConfig(BaseModel):
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint override for S3-compatible stores."
     )
+    resync_seconds: float = Field(
+        20,
+        gt=0,
+        description="How often the operator re-applies children and refreshes status.",
+    )
     prometheus_url: str = Field(
         "http://prometheus-operated.monitoring.svc.cluster.local:9090",
         description="Prometheus that KEDA's triggers query for vLLM's queue and KV-cache metrics.",

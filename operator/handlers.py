@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +49,8 @@ from .status import Failure, ReconcileFacts, build_status
 
 FINALIZER = "modelship.dev/finalizer"
 PEERING_NAME = "modelship"
-RESYNC_SECONDS = float(os.environ.get("MODELSHIP_RESYNC_SECONDS", "20"))
+# The timer interval is fixed when kopf registers the handler, so it is read at import.
+RESYNC_SECONDS = load_config().resync_seconds
 RETRY_SECONDS = 10
 RESOURCE = (GROUP, VERSION, PLURAL)
 
