@@ -28,17 +28,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .plan import Placement
+from .status import PHASES
 
-PHASES = (
-    "Pending",
-    "NodeProvisioning",
-    "Scheduling",
-    "WeightsLoading",
-    "Compiling",
-    "Ready",
-    "Degraded",
-    "Failed",
-)
 _PLAN_LABELS = ("model_deployment", "namespace", "instance_type")
 
 
