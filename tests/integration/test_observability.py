@@ -1,0 +1,204 @@
+"""Every dashboard query, recording rule and alert expression returns data from a real Prometheus
+scraping the real operator (kopf, in-process, against KMock), the runtime and vLLM (CPU build).
+
+Alerts are checked with their thresholds removed (a numeric comparison dropped, a comparison
+between two vectors turned into arithmetic), so the question is "do these series exist with
+matching labels", not "is the system unhealthy right now".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from modelship.operator.apply import Kind, Kube
+
+from tests.servers.kube import KubeApi
+from tests.servers.prometheus import MODEL_DEPLOYMENT, NAMESPACE, Prometheus
+
+pytestmark = pytest.mark.integration
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "modelship"
+MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
+OPERATOR_ENV = {
+    "MODELSHIP_CLUSTER_NAME": "kmock",
+    "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-kmock",
+    "MODELSHIP_RESYNC_SECONDS": "2",
+}
+# Expressions that cannot return data on one CPU box, and why (checked to be exactly these).
+NO_DATA_HERE = {
+    "ModelshipReconcileErrors": "no reconcile ended in error or retry: the API (KMock) never failed",
+    "ModelshipOperatorDown": "absent() is empty while the operator is scraped, which it is",
+}
+
+
+def dashboard_queries() -> dict[str, str]:
+    """'dashboard / panel / refId' -> PromQL, with the template variables set to match all."""
+    queries = {}
+    for path in sorted((CHART / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$namespace", ".*").replace("$model_deployment", ".*")
+                queries[f"{path.stem} / {panel['title']} / {target['refId']}"] = expr
+    return queries
+
+
+def without_threshold(expr: str) -> str:
+    """The alert's expression minus its thresholds (see the module docstring)."""
+    end = r"(?=\s*(?:$|\n|\band\b|\bor\b|\bunless\b|\)))"
+    expr = re.sub(r"\s(?:==|!=|>=|<=|>|<)\s*[0-9][0-9.e+]*" + end, "", expr)
+    return re.sub(r"\s(?:==|!=|>=|<=|>|<)\s", " + ", expr)
+
+
+def rule_expressions() -> tuple[dict[str, str], dict[str, str]]:
+    rules = yaml.safe_load((CHART / "rules" / "modelship.rules.yaml").read_text())
+    records, alerts = {}, {}
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                records[rule["record"]] = rule["record"]  # the recorded series itself
+            else:
+                alerts[rule["alert"]] = without_threshold(rule["expr"].strip())
+    return records, alerts
+
+
+@pytest.fixture(scope="module")
+def operator_with_model(kubeconfig: Path, kube_api: KubeApi, runtime_vllm: Any) -> Iterator[Kube]:
+    """kopf running modelship's handlers with one ModelDeployment for the tiny model vLLM serves."""
+    from kopf.testing import KopfRunner
+
+    kube = Kube(kubernetes.config.new_client_from_config(str(kubeconfig)))
+    saved = {key: os.environ.get(key) for key in OPERATOR_ENV}
+    os.environ.update(OPERATOR_ENV)
+    if (
+        kube.get(
+            Kind("kopf.dev/v1", "ClusterKopfPeering", "clusterkopfpeerings", False),
+            None,
+            "modelship",
+        )
+        is None
+    ):
+        kube.request(
+            "POST",
+            "/apis/kopf.dev/v1/clusterkopfpeerings",
+            body={
+                "apiVersion": "kopf.dev/v1",
+                "kind": "ClusterKopfPeering",
+                "metadata": {"name": "modelship"},
+            },
+        )
+    args = ["run", "--all-namespaces", "-m", "modelship.operator.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        body = {
+            "apiVersion": "modelship.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": MODEL_DEPLOYMENT, "namespace": NAMESPACE},
+            "spec": {"model": {"uri": f"file://{runtime_vllm.source_dir}"}},
+        }
+        kube.request("POST", MD.path(NAMESPACE), body=body)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            md = kube.get(MD, NAMESPACE, MODEL_DEPLOYMENT) or {}
+            if (md.get("status") or {}).get("plan"):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"{MODEL_DEPLOYMENT} was never planned: {runner.output[-3000:]}")
+        yield kube
+        kube.delete(MD, NAMESPACE, MODEL_DEPLOYMENT)
+        time.sleep(2)  # let the delete handler remove the finalizer before kopf stops
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def complete(base_url: str, model: str, prompt: str) -> None:
+    request = urllib.request.Request(
+        f"{base_url}/v1/completions",
+        data=json.dumps({"model": model, "prompt": prompt, "max_tokens": 12}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+
+
+def wait_for(prometheus: Prometheus, expr: str, timeout_seconds: float = 60) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not prometheus.query(expr):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no data for {expr} in {timeout_seconds:.0f} s: {prometheus.targets_up()}"
+            )
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus: Prometheus, operator_with_model: Kube, runtime_vllm: Any) -> Prometheus:
+    """Prometheus after a few completions have been served and scraped."""
+    wait_for(
+        prometheus, 'modelship_operator_planned_cost_usd_per_hour{model_deployment="tiny-llama"}'
+    )
+    wait_for(prometheus, "vllm:num_requests_running")
+    for index in range(6):
+        complete(runtime_vllm.base_url, runtime_vllm.served_model_name, f"Request {index}: hello")
+        time.sleep(1)
+    wait_for(prometheus, "modelship:cost_usd_per_1m_generated_tokens")
+    time.sleep(5)  # a few more scrapes and rule evaluations
+    return prometheus
+
+
+def test_every_target_is_scraped(scraped: Prometheus) -> None:
+    assert scraped.targets_up() == {"modelship-operator": "up", "vllm": "up", "runtime": "up"}
+
+
+def test_every_dashboard_query_returns_data(scraped: Prometheus) -> None:
+    empty = [
+        f"{name}: {expr}" for name, expr in dashboard_queries().items() if not scraped.query(expr)
+    ]
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+def test_every_recording_rule_has_data(scraped: Prometheus) -> None:
+    records, _ = rule_expressions()
+    empty = [name for name in records if not scraped.query(name)]
+    assert not empty, f"recording rules without data: {empty}"
+
+
+def test_cost_per_million_tokens_is_the_plan_over_the_token_rate(scraped: Prometheus) -> None:
+    cost = float(scraped.query("modelship:cost_usd_per_hour")[0]["value"][1])
+    rate = float(scraped.query("modelship:vllm_generation_tokens:rate5m")[0]["value"][1])
+    per_million = float(scraped.query("modelship:cost_usd_per_1m_generated_tokens")[0]["value"][1])
+    assert cost > 0 and rate > 0
+    # Rules are evaluated at different instants: allow the rate to move a little between them.
+    assert per_million == pytest.approx(cost / (rate * 3600) * 1e6, rel=0.3)
+
+
+def test_every_alert_expression_has_data_without_its_threshold(scraped: Prometheus) -> None:
+    _, alerts = rule_expressions()
+    empty = {name for name, expr in alerts.items() if not scraped.query(expr)}
+    assert empty == set(NO_DATA_HERE), {name: alerts[name] for name in empty ^ set(NO_DATA_HERE)}
+    # Their inputs exist all the same.
+    assert scraped.query("modelship_operator_reconciles_total")
+    assert scraped.query("modelship_operator_model_deployments")
+
+
+def test_threshold_removal() -> None:
+    assert without_threshold("a > 0.9") == "a"
+    assert (
+        without_threshold("a / b > 8\nand on (x)\nderiv(c[10m]) > 0")
+        == "a / b\nand on (x)\nderiv(c[10m])"
+    )
+    assert without_threshold('a{s="e"} < ignoring (s) 0.8 * b') == 'a{s="e"} + ignoring (s) 0.8 * b'
+    assert without_threshold('x{phase=~"A|B"} > 0') == 'x{phase=~"A|B"}'
