@@ -37,3 +37,11 @@ def test_install_yaml_objects_are_valid_and_namespaced_in_order() -> None:
         validate_object(document)
         namespace = document["metadata"].get("namespace")
         assert namespace in (None, generate.NAMESPACE), document["metadata"]
+
+
+def test_reference_docs_match_the_api() -> None:
+    from modelship.operator import docgen
+
+    assert docgen.REFERENCE.read_text() == docgen.reference_markdown(), (
+        "docs/reference.md drifted from operator/api.py: run python -m modelship.operator.docgen"
+    )
