@@ -184,7 +184,6 @@ def test_config_map_sets_exactly_the_operators_variables() -> None:
         "data"
     ]
     known = {ENV_PREFIX + name.upper() for name in OperatorConfig.model_fields}
-    known.add("MODELSHIP_RESYNC_SECONDS")  # read by handlers.py
     assert set(data) <= known, f"unknown variables: {set(data) - known}"
     config = load_config(data)
     assert config.node_pool_mode == "karpenter" and config.autoscaler == "keda"
