@@ -15,13 +15,29 @@ from modelship.operator.api import load_spec
 from modelship.operator.catalog import load_catalog
 from modelship.operator.modelinfo import model_info_from_config
 from modelship.operator.sizing import make_plan
+
 from tests.unit import configs
 
 RUNS = 200
 CASES = [
-    ("Llama-3-70B bf16, 8k x 8", configs.LLAMA_3_70B, 70_553_706_496, {"maxModelLen": 8192, "concurrency": 8}),
-    ("Llama-3.1-405B bf16, 8k x 4", configs.LLAMA_3_1_405B, 405_853_388_800, {"maxModelLen": 8192, "concurrency": 4}),
-    ("Llama-3.1-405B bf16 on p5 only (multi-node)", configs.LLAMA_3_1_405B, 405_853_388_800, {"maxModelLen": 8192}),
+    (
+        "Llama-3-70B bf16, 8k x 8",
+        configs.LLAMA_3_70B,
+        70_553_706_496,
+        {"maxModelLen": 8192, "concurrency": 8},
+    ),
+    (
+        "Llama-3.1-405B bf16, 8k x 4",
+        configs.LLAMA_3_1_405B,
+        405_853_388_800,
+        {"maxModelLen": 8192, "concurrency": 4},
+    ),
+    (
+        "Llama-3.1-405B bf16 on p5 only (multi-node)",
+        configs.LLAMA_3_1_405B,
+        405_853_388_800,
+        {"maxModelLen": 8192},
+    ),
 ]
 
 
@@ -43,7 +59,9 @@ def main() -> None:
             plan = make_plan(info, spec, catalog)
             times.append((time.perf_counter() - start) * 1000)
         times.sort()
-        considered = 1 + len(plan.alternatives) + len(plan.rejected) if plan.chosen else len(plan.rejected)
+        considered = (
+            1 + len(plan.alternatives) + len(plan.rejected) if plan.chosen else len(plan.rejected)
+        )
         chosen = plan.chosen
         what = (
             f"{chosen.nodes} x {chosen.instance_type} TP{chosen.tensor_parallel_size} PP{chosen.pipeline_parallel_size}"

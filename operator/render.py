@@ -657,6 +657,9 @@ def _pod_monitor(md: ModelDeploymentRef) -> dict[str, Any]:
         "metadata": _metadata(md),
         "spec": {
             "selector": {"matchLabels": selector_labels(md)},
+            # Copied onto every series: the rules and dashboards join vLLM's and the runtime's
+            # metrics to the plan (cost, predicted KV cache) on this label.
+            "podTargetLabels": ["modelship.dev/model-deployment"],
             "podMetricsEndpoints": [
                 {"port": "http", "path": "/metrics", "interval": "15s"},  # vLLM
                 {"port": "metrics", "path": "/metrics", "interval": "15s"},  # the runtime

@@ -18,6 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   echo "$inputs" >"$stamp"
 fi
 
+# Prometheus and promtool (Debian) for the rule tests and the observability test.
+bash scripts/install-prometheus.sh >/dev/null
+
 # mypy cannot follow setuptools' editable import hook; give it a plain view of the package.
 mkdir -p .dev/modelship
 ln -sfn ../../operator .dev/modelship/operator
