@@ -22,7 +22,7 @@ import pytest
 import yaml
 from modelship.operator.apply import Kind, Kube
 
-from tests.servers.kube import KubeApi
+from tests.servers.kube import KubeApi, ensure_cluster_peering
 from tests.servers.prometheus import MODEL_DEPLOYMENT, NAMESPACE, Prometheus
 
 pytestmark = pytest.mark.integration
@@ -80,23 +80,7 @@ def operator_with_model(kubeconfig: Path, kube_api: KubeApi, runtime_vllm: Any) 
     kube = Kube(kubernetes.config.new_client_from_config(str(kubeconfig)))
     saved = {key: os.environ.get(key) for key in OPERATOR_ENV}
     os.environ.update(OPERATOR_ENV)
-    if (
-        kube.get(
-            Kind("kopf.dev/v1", "ClusterKopfPeering", "clusterkopfpeerings", False),
-            None,
-            "modelship",
-        )
-        is None
-    ):
-        kube.request(
-            "POST",
-            "/apis/kopf.dev/v1/clusterkopfpeerings",
-            body={
-                "apiVersion": "kopf.dev/v1",
-                "kind": "ClusterKopfPeering",
-                "metadata": {"name": "modelship"},
-            },
-        )
+    ensure_cluster_peering(kube)
     args = ["run", "--all-namespaces", "-m", "modelship.operator.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         body = {

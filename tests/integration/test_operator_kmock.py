@@ -27,7 +27,7 @@ from modelship.operator.apply import (
 )
 from modelship.runtime.tinymodel import build_tiny_model
 
-from tests.servers.kube import KubeApi
+from tests.servers.kube import KubeApi, ensure_cluster_peering
 
 pytestmark = pytest.mark.integration
 
@@ -71,15 +71,7 @@ def operator(kubeconfig: Path, kube: Kube, kube_api: KubeApi) -> Iterator[Any]:
 
     saved = {key: os.environ.get(key) for key in OPERATOR_ENV}
     os.environ.update(OPERATOR_ENV)
-    kube.request(
-        "POST",
-        "/apis/kopf.dev/v1/clusterkopfpeerings",
-        body={
-            "apiVersion": "kopf.dev/v1",
-            "kind": "ClusterKopfPeering",
-            "metadata": {"name": "modelship"},
-        },
-    )
+    ensure_cluster_peering(kube)
     args = ["run", "--all-namespaces", "--verbose", "-m", "modelship.operator.handlers"]
     with KopfRunner(args, timeout=60) as runner:
         yield runner

@@ -44,6 +44,7 @@ import kmock
 import pytest
 import yaml
 from kmock._internal import dicts, enums, rendering
+from modelship.operator.apply import Kube, KubeApiError
 
 # Resources the operator reads or writes: (group/version/plural, kind, namespaced, subresources).
 RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
@@ -263,3 +264,26 @@ def kubeconfig(kube_api: KubeApi, tmp_path_factory: pytest.TempPathFactory) -> I
         os.environ.pop("KUBECONFIG", None)
     else:
         os.environ["KUBECONFIG"] = previous
+
+
+PEERING = "modelship"
+
+
+def ensure_cluster_peering(kube: Kube, name: str = PEERING) -> None:
+    """Create kopf's ClusterKopfPeering once per emulator: several modules run the operator
+    against the same session-wide API server, and a second POST would be a 409."""
+    try:
+        kube.request("GET", f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
+        return
+    except KubeApiError as error:
+        if error.status != 404:
+            raise
+    kube.request(
+        "POST",
+        "/apis/kopf.dev/v1/clusterkopfpeerings",
+        body={
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": name},
+        },
+    )
