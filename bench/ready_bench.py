@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from modelship.runtime.demo import free_port
+from modelship.runtime.main import local_command
 from modelship.runtime.tinymodel import build_tiny_model
 
 ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "1024"]
@@ -76,31 +77,15 @@ def one_run(kind: str, model_dir: Path, workdir: Path, timeout_seconds: float) -
             *ENGINE_ARGS,
         ]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "modelship.runtime.main",
-            "--source",
-            f"file://{model_dir}",
-            "--model-dir",
-            str(workdir / f"pod-{port}"),
-            "--served-model-name",
-            SERVED,
-            "--device",
-            "cpu",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(free_port()),
-            "--status-file",
-            str(workdir / f"status-{port}.json"),
-            "--",
-            *ENGINE_ARGS,
-        ]
+        command = local_command(
+            source=f"file://{model_dir}",
+            model_dir=workdir / f"pod-{port}",
+            served_model_name=SERVED,
+            port=port,
+            metrics_port=free_port(),
+            status_file=workdir / f"status-{port}.json",
+            engine_args=ENGINE_ARGS,
+        )
     log_path = workdir / f"{kind}-{port}.log"
     started = time.monotonic()
     with log_path.open("wb") as log_file:

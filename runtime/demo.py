@@ -32,6 +32,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from .main import local_command
+
 TEST_ACCESS_KEY = "modelship-test"
 TEST_SECRET_KEY = "modelship-test-secret"
 
@@ -304,36 +306,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
         port, metrics_port = free_port(), free_port()
         status_path = workdir / "status.json"
-        command = [
-            sys.executable,
-            "-m",
-            "modelship.runtime.main",
-            "--source",
-            uri,
-            "--model-dir",
-            str(workdir / "pod" / "model"),
-            "--served-model-name",
-            SERVED_NAME,
-            "--device",
-            "cpu",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(metrics_port),
-            "--s3-endpoint-url",
-            server.endpoint_url,
-            "--status-file",
-            str(status_path),
-            "--ready-timeout-seconds",
-            str(args.ready_timeout_seconds),
-        ]
-        if predicted_kv_tokens is not None:
-            command += ["--predicted-kv-cache-tokens", str(predicted_kv_tokens)]
-        command += ["--", *engine_args]
+        command = local_command(
+            source=uri,
+            model_dir=workdir / "pod" / "model",
+            served_model_name=SERVED_NAME,
+            port=port,
+            metrics_port=metrics_port,
+            status_file=status_path,
+            engine_args=engine_args,
+            s3_endpoint_url=server.endpoint_url,
+            predicted_kv_cache_tokens=predicted_kv_tokens,
+            ready_timeout_seconds=args.ready_timeout_seconds,
+        )
         log_path = workdir / "runtime.log"
         _say(f"starting the runtime (fetch, verify, vLLM on the CPU); log: {log_path}")
         print("    " + " ".join(command), flush=True)

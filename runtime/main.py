@@ -549,6 +549,41 @@ def _fail(
     return 1
 
 
+def local_command(
+    *,
+    source: str,
+    model_dir: Path,
+    served_model_name: str,
+    port: int,
+    metrics_port: int,
+    status_file: Path,
+    engine_args: Sequence[str],
+    s3_endpoint_url: str | None = None,
+    predicted_kv_cache_tokens: int | None = None,
+    ready_timeout_seconds: float | None = None,
+) -> list[str]:
+    """The runtime's command line on one machine (CPU, loopback): the demo, tests and benches."""
+    command = [
+        sys.executable, "-m", "modelship.runtime.main",
+        "--source", source,
+        "--model-dir", str(model_dir),
+        "--served-model-name", served_model_name,
+        "--device", "cpu",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(metrics_port),
+        "--status-file", str(status_file),
+    ]  # fmt: skip
+    if s3_endpoint_url is not None:
+        command += ["--s3-endpoint-url", s3_endpoint_url]
+    if predicted_kv_cache_tokens is not None:
+        command += ["--predicted-kv-cache-tokens", str(predicted_kv_cache_tokens)]
+    if ready_timeout_seconds is not None:
+        command += ["--ready-timeout-seconds", str(ready_timeout_seconds)]
+    return [*command, "--", *engine_args]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script `modelship-runtime` (and `modelship runtime`)."""
     started = time.monotonic()

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from modelship.runtime.demo import free_port
+from modelship.runtime.main import local_command
 from modelship.runtime.tinymodel import build_tiny_model
 
 READY_TIMEOUT_SECONDS = 240.0
@@ -79,40 +79,18 @@ def runtime_vllm(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> It
     status_path = workdir / "status.json"
     log_path = workdir / "runtime.log"
     model_dir = workdir / "pod" / "model"
-    command = [
-        sys.executable,
-        "-m",
-        "modelship.runtime.main",
-        "--source",
-        f"s3://{BUCKET}/{PREFIX}",
-        "--model-dir",
-        str(model_dir),
-        "--served-model-name",
-        SERVED_MODEL_NAME,
-        "--device",
-        "cpu",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-host",
-        "127.0.0.1",
-        "--metrics-port",
-        str(metrics_port),
-        "--s3-endpoint-url",
-        s3_server.endpoint_url,
-        "--status-file",
-        str(status_path),
-        "--predicted-kv-cache-tokens",
-        str(PREDICTED_KV_CACHE_TOKENS),
-        "--ready-timeout-seconds",
-        str(READY_TIMEOUT_SECONDS),
-        "--",
-        "--dtype",
-        "bfloat16",
-        "--max-model-len",
-        "1024",
-    ]
+    command = local_command(
+        source=f"s3://{BUCKET}/{PREFIX}",
+        model_dir=model_dir,
+        served_model_name=SERVED_MODEL_NAME,
+        port=port,
+        metrics_port=metrics_port,
+        status_file=status_path,
+        engine_args=["--dtype", "bfloat16", "--max-model-len", "1024"],
+        s3_endpoint_url=s3_server.endpoint_url,
+        predicted_kv_cache_tokens=PREDICTED_KV_CACHE_TOKENS,
+        ready_timeout_seconds=READY_TIMEOUT_SECONDS,
+    )
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
