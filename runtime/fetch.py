@@ -91,6 +91,14 @@ class FetchError(RuntimeError):
     """The model could not be fetched; the message names the object, the cause and what to check."""
 
 
+class DiskSpaceError(FetchError):
+    """The listed sizes do not fit in the free space (found before any download)."""
+
+    def __init__(self, message: str, needed_bytes: int) -> None:
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+
+
 @dataclass(frozen=True)
 class FetchReport:
     """What a fetch did. `model_dir` is the directory to serve from."""
@@ -1089,11 +1097,12 @@ def _check_disk_space(dest: Path, jobs: list[_FileJob]) -> None:
     needed_bytes = sum(job.reserved_bytes() for job in jobs)
     free_bytes = shutil.disk_usage(dest).free
     if needed_bytes > free_bytes:
-        raise FetchError(
+        raise DiskSpaceError(
             f"{dest}: not enough free space: {len(jobs)} files need {needed_bytes} more bytes "
             f"({_fmt_bytes(needed_bytes)}) but {free_bytes} bytes ({_fmt_bytes(free_bytes)}) are "
             "free. Give the pod a larger volume (local NVMe or a bigger emptyDir sizeLimit) or "
-            "free space in it."
+            "free space in it.",
+            needed_bytes,
         )
 
 

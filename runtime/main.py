@@ -35,7 +35,7 @@ from types import FrameType
 from typing import Any
 
 from ..operator.source import parse_source
-from .fetch import FetchReport, fetch_model
+from .fetch import DiskSpaceError, FetchReport, fetch_model
 from .launch import (
     KvCacheCapacity,
     KvCacheGauge,
@@ -63,6 +63,7 @@ from .multinode import (
     wait_for_nodes,
 )
 from .neuron_cache import CacheKey, NeuronCache, NeuronCacheError, cache_key_for
+from .nodecache import NodeCache
 from .verify import VerifyError, verify_model_dir
 
 log = logging.getLogger("modelship.runtime")
@@ -108,6 +109,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--model-dir", type=Path, help="Local directory the model is fetched into.")
     option(
+        "--node-cache",
+        type=Path,
+        help="A directory every pod on the node shares (hostPath on local NVMe): the model is "
+        "fetched once per node into a subdirectory named from --source (instead of --model-dir).",
+    )
+    option(
         "--served-model-name",
         help="Model name clients ask for (default: the last path component of --source).",
     )
@@ -130,6 +137,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--s3-endpoint-url", help="S3 endpoint override (S3-compatible stores).")
     option("--max-connections", type=int, default=16, help="Parallel S3 ranged GETs.")
+    option(
+        "--verify",
+        default="checksum",
+        choices=["checksum", "size"],
+        help="How downloads are checked: checksum (SHA-256 / MD5 / multipart ETag recomputed, "
+        "the default) or size (what s5cmd and boto3 check; saves CPU on small nodes).",
+    )
     option("--neuron-cache", help="Neuron compile cache: s3://bucket/prefix or a volume path.")
     option(
         "--neuron-artifacts-dir",
@@ -199,8 +213,12 @@ def parse_args(
     args = parser.parse_args(argv)
     if not args.source:
         parser.error("--source is required (or MODELSHIP_RUNTIME_SOURCE)")
-    if args.model_dir is None:
-        parser.error("--model-dir is required (or MODELSHIP_RUNTIME_MODEL_DIR)")
+    if args.model_dir is None and args.node_cache is None:
+        parser.error("--model-dir or --node-cache is required (or MODELSHIP_RUNTIME_MODEL_DIR)")
+    if args.model_dir is not None and args.node_cache is not None:
+        parser.error(
+            "--model-dir and --node-cache exclude each other: the node cache names the dir"
+        )
     if args.role is not None and args.nodes < 2:
         parser.error(f"--role {args.role} needs --nodes 2 or more (the pods in the group)")
     if args.role is None and args.nodes != 1:
@@ -227,16 +245,32 @@ class StatusFile:
         os.replace(temporary, self.path)
 
 
-def _fetch(args: argparse.Namespace, metrics: RuntimeMetrics) -> FetchReport:
+def _fetch(
+    args: argparse.Namespace, metrics: RuntimeMetrics, cache: NodeCache | None
+) -> FetchReport:
+    if cache is None:
+        return _fetch_into(args, metrics, args.model_dir)
+    with cache.fetching(args.source) as model_dir:
+        try:
+            return _fetch_into(args, metrics, model_dir)
+        except DiskSpaceError as error:
+            # Models no pod on this node uses any more make room, then one more try.
+            if not cache.evict_unused(keep=model_dir, needed_bytes=error.needed_bytes):
+                raise
+            return _fetch_into(args, metrics, model_dir)
+
+
+def _fetch_into(args: argparse.Namespace, metrics: RuntimeMetrics, model_dir: Path) -> FetchReport:
     return fetch_model(
         parse_source(args.source, field="--source"),
-        args.model_dir,
+        model_dir,
         trust_pickle=args.trust_pickle,
         copy_to_local=args.copy_to_local,
         mount_root=args.mount_root,
         endpoint_url=args.s3_endpoint_url,
         max_connections=args.max_connections,
         metrics=metrics,
+        verify_checksums=args.verify == "checksum",
     )
 
 
@@ -335,8 +369,10 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
         try:
             metrics.set_phase("fetching")
             status.update(phase="fetching")
-            log.info("fetching %s into %s", args.source, args.model_dir)
-            report = _fetch(args, metrics)
+            node_cache = NodeCache(args.node_cache, log=log.info) if args.node_cache else None
+            target = node_cache.model_dir(args.source) if node_cache else args.model_dir
+            log.info("fetching %s into %s", args.source, target)
+            report = _fetch(args, metrics, node_cache)
             model_dir = Path(report.model_dir)
             fetch_summary = {
                 "model_dir": str(model_dir),
