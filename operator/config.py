@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 NodePoolMode = Literal["karpenter", "eks-nodegroup", "none"]
 AutoscalerMode = Literal["keda", "hpa", "none"]
+NodeCacheMode = Literal["auto", "enabled", "disabled"]
 
 ENV_PREFIX = "MODELSHIP_"
 
@@ -69,6 +70,25 @@ class OperatorConfig(BaseModel):
         "http://prometheus-operated.monitoring.svc.cluster.local:9090",
         description="Prometheus that KEDA's triggers query for vLLM's queue and KV-cache metrics.",
     )
+    node_cache: NodeCacheMode = Field(
+        "auto",
+        description="One weights download per node, shared by the pods of a model (a hostPath on "
+        "the instance store). auto: on with the EC2NodeClass modelship renders, which prepares "
+        "the directory; enabled: the nodes are prepared another way; disabled: a download per pod.",
+    )
+    activator_url: str = Field(
+        "http://modelship-activator.modelship-system.svc.cluster.local:8082",
+        description="Base URL of the operator's activator Service (the chart sets it): clients of "
+        "a ModelDeployment that scales to zero send requests there, and KEDA wakes it on them.",
+    )
+    activator_port: int = Field(
+        8082, ge=0, le=65535, description="Port the activator listens on; 0 turns it off."
+    )
+    activator_hold_seconds: float = Field(
+        1800,
+        gt=0,
+        description="How long the activator holds a request while its model scales up from zero.",
+    )
     neuron_cache_uri: str | None = Field(
         None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
     )
@@ -95,3 +115,10 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         first = error.errors()[0]
         key = ENV_PREFIX + str(first["loc"][0]).upper()
         raise ConfigError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def node_cache_enabled(config: OperatorConfig) -> bool:
+    """Whether runtime pods share the node's model cache (operator/nodepool.py NODE_CACHE_DIR)."""
+    if config.node_cache == "auto":
+        return config.node_pool_mode == "karpenter" and not config.node_class_name
+    return config.node_cache == "enabled"

@@ -24,6 +24,7 @@ from typing import Any
 
 import kopf
 
+from .activator import Activator
 from .api import GROUP, PLURAL, VERSION, SpecError, load_spec
 from .apply import (
     DEPLOYMENT,
@@ -118,6 +119,27 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     )
 
 
+@kopf.on.startup()
+async def start_activator(memo: kopf.Memo, **_: Any) -> None:
+    """Serve the activator (operator/activator.py) on every replica: it keeps no state, so it
+    needs no leader, and a standby replica behind the Service answers too."""
+    config = load_config()
+    if not config.activator_port:
+        return
+    activator = Activator(
+        hold_seconds=config.activator_hold_seconds, pending=METRICS.activator_pending
+    )
+    await activator.start("0.0.0.0", config.activator_port)
+    memo.activator = activator
+
+
+@kopf.on.cleanup()
+async def stop_activator(memo: kopf.Memo, **_: Any) -> None:
+    activator = memo.get("activator")
+    if activator is not None:
+        await activator.stop()
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """The pod's service account in a cluster, else $KUBECONFIG (read now, not at import)."""
@@ -145,7 +167,11 @@ def plan_and_render(context: Context, body: kopf.Body) -> tuple[Placement, Rende
             generation=int(meta.get("generation") or 1),
             spec=spec,
         )
-        return plan.chosen, render(md, plan.chosen, context.config), endpoint_url(md)
+        return (
+            plan.chosen,
+            render(md, plan.chosen, context.config),
+            endpoint_url(md, context.config),
+        )
     except SpecError as error:
         raise Rejected(Failure("InvalidSpec", str(error))) from None
     except ModelInfoError as error:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .catalog import RESOURCE_NAMES, Catalog, load_catalog
-from .config import OperatorConfig
+from .config import OperatorConfig, node_cache_enabled
 from .plan import Placement
 
 GIB = 1024**3
@@ -43,6 +43,11 @@ ROOT_DEVICE = "/dev/xvda"  # the AL2023 EKS AMI's root device
 # compressed, ~25 GiB unpacked, twice during an image update), logs and compile caches.
 ROOT_VOLUME_OVERHEAD_BYTES = 100 * GIB
 WEIGHT_DISK_FACTOR = 1.2  # headroom for partial downloads next to complete files
+
+# The node's shared model cache (runtime/nodecache.py): a hostPath the runtime pods mount, owned
+# by the runtime's user, on the instance-store RAID0 where the instance has one.
+NODE_CACHE_DIR = "/var/lib/modelship/models"
+NODE_CACHE_UID = 1000  # operator/render.py RUNTIME_UID
 
 CapacityType = Literal["on-demand", "spot"]
 
@@ -205,6 +210,7 @@ def _ec2_node_class(placement: Placement, config: OperatorConfig, pool: str) -> 
                     },
                 }
             ],
+            **({"userData": node_cache_user_data()} if node_cache_enabled(config) else {}),
             # IMDSv2 with one hop: pods cannot borrow the node's role; they use their own
             # service account's (IRSA / EKS Pod Identity).
             "metadataOptions": {
@@ -216,6 +222,56 @@ def _ec2_node_class(placement: Placement, config: OperatorConfig, pool: str) -> 
             "tags": {POOL_LABEL: pool, "app.kubernetes.io/managed-by": "modelship"},
         },
     }
+
+
+def node_cache_user_data() -> str:
+    """EC2NodeClass userData (MIME, which Karpenter merges with its own AL2023 NodeConfig) that
+    prepares NODE_CACHE_DIR: a systemd unit ordered after the AMI's setup-local-disks (the
+    instanceStorePolicy RAID0 array at /mnt/k8s-disks/0) and before the kubelet bind-mounts a
+    directory of the array there, or leaves it on the root volume where the instance has no
+    instance store, and hands it to the runtime's user."""
+    base = NODE_CACHE_DIR.rsplit("/", 1)[0]
+    script = f"""#!/bin/bash
+set -euo pipefail
+if mountpoint -q /mnt/k8s-disks/0; then
+  install -d -m 0755 /mnt/k8s-disks/0/modelship {base}
+  mountpoint -q {base} || mount --bind /mnt/k8s-disks/0/modelship {base}
+fi
+install -d -o {NODE_CACHE_UID} -g {NODE_CACHE_UID} -m 0750 {NODE_CACHE_DIR}
+"""
+    unit = """[Unit]
+Description=modelship node model cache (one weights download per node)
+Wants=setup-local-disks.service
+After=setup-local-disks.service
+Before=kubelet.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/bin/modelship-node-cache
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return f"""MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="MODELSHIP"
+
+--MODELSHIP
+Content-Type: text/x-shellscript; charset="us-ascii"
+
+#!/bin/bash
+set -euo pipefail
+cat > /usr/local/bin/modelship-node-cache <<'SCRIPT'
+{script}SCRIPT
+chmod 0755 /usr/local/bin/modelship-node-cache
+cat > /etc/systemd/system/modelship-node-cache.service <<'UNIT'
+{unit}UNIT
+systemctl daemon-reload
+systemctl enable modelship-node-cache.service
+systemctl start --no-block modelship-node-cache.service
+
+--MODELSHIP--
+"""
 
 
 def _node_pool(

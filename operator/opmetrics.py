@@ -13,6 +13,10 @@ The dashboards and alerts use exactly these names:
                                                                 gauge: on-demand USD/h per replica
     modelship_operator_planned_kv_cache_tokens{model_deployment,namespace,instance_type}
                                                                 gauge: predicted KV-cache tokens
+    modelship_activator_pending_requests{namespace,model_deployment}
+                                                                gauge: requests the activator
+                                                                holds; KEDA wakes a ModelDeployment
+                                                                from zero on it
 
 Liveness and readiness are kopf's own probes (`--liveness`), not this registry.
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .activator import pending_gauge
 from .plan import Placement
 from .status import PHASES
 
@@ -43,6 +48,7 @@ class OperatorMetrics:
     _plans: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.activator_pending = pending_gauge(self.registry)
         self.reconciles = Counter(
             "modelship_operator_reconciles_total",
             "Reconciles of ModelDeployments, by result.",

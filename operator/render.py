@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api import API_VERSION, KIND, ModelDeploymentSpec
-from .config import OperatorConfig
+from .config import OperatorConfig, node_cache_enabled
 from .nodepool import (
     INSTANCE_TYPE_LABEL,
+    NODE_CACHE_DIR,
     POOL_LABEL,
     NodeGroupRequest,
     NodePoolError,
@@ -32,6 +33,7 @@ from .nodepool import (
     pool_name,
 )
 from .plan import Placement
+from .sizing import EPHEMERAL_BASE_BYTES
 from .source import LocalSource, S3Source, VolumeSource
 
 __all__ = [
@@ -91,9 +93,17 @@ class Rendered:
     pool_name: str  # same for every ModelDeployment on the same hardware
 
 
-def endpoint_url(md: ModelDeploymentRef) -> str:
-    """The in-cluster OpenAI-compatible base URL of a ModelDeployment."""
+def endpoint_url(md: ModelDeploymentRef, config: OperatorConfig) -> str:
+    """The in-cluster OpenAI-compatible base URL of a ModelDeployment: its Service, or the
+    operator's activator when it scales to zero (the Service refuses connections at zero)."""
+    if wakes_through_activator(md, config):
+        return f"{config.activator_url.rstrip('/')}/models/{md.namespace}/{md.name}/v1"
     return f"http://{md.name}.{md.namespace}.svc.cluster.local:{HTTP_PORT}/v1"
+
+
+def wakes_through_activator(md: ModelDeploymentRef, config: OperatorConfig) -> bool:
+    """Scale to zero with KEDA: requests held by the activator are what wakes the model."""
+    return replica_bounds(md)[0] == 0 and config.autoscaler == "keda"
 
 
 def served_model_name(md: ModelDeploymentRef) -> str:
@@ -189,6 +199,16 @@ def _copy_to_local(md: ModelDeploymentRef) -> bool:
     return source.scheme == "efs"
 
 
+def _local_models(md: ModelDeploymentRef) -> bool:
+    """Whether the weights are written to the node's disk (S3, or a volume copied locally)."""
+    return isinstance(md.spec.model.source, S3Source) or _copy_to_local(md)
+
+
+def _node_cache(md: ModelDeploymentRef, config: OperatorConfig) -> bool:
+    """Whether the pod shares the node's model cache instead of downloading its own copy."""
+    return _local_models(md) and node_cache_enabled(config)
+
+
 def runtime_args(
     md: ModelDeploymentRef,
     placement: Placement,
@@ -198,11 +218,16 @@ def runtime_args(
     """The `modelship-runtime` command line; role is None (one node), "leader" or "worker"."""
     spec = md.spec
     source = spec.model.source
+    # With the node cache the runtime names the model's directory under it, from the source.
+    model_dir = (
+        ["--node-cache", MODELS_DIR]
+        if _node_cache(md, config)
+        else ["--model-dir", f"{MODELS_DIR}/{md.name}"]
+    )
     args = [
         "--source",
         spec.model.uri,
-        "--model-dir",
-        f"{MODELS_DIR}/{md.name}",
+        *model_dir,
         "--served-model-name",
         served_model_name(md),
         "--port",
@@ -253,8 +278,28 @@ def _quantity_gib(value_bytes: int) -> str:
     return f"{math.ceil(value_bytes / GIB)}Gi"
 
 
+def _pod_ephemeral_storage_bytes(
+    md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
+) -> int:
+    # Weights in the node cache (a hostPath) are not the pod's ephemeral storage.
+    if _node_cache(md, config):
+        return min(placement.ephemeral_storage_bytes, EPHEMERAL_BASE_BYTES)
+    return placement.ephemeral_storage_bytes
+
+
+def _models_volume(
+    md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
+) -> dict[str, Any]:
+    if _node_cache(md, config):
+        # One download per node (runtime/nodecache.py); the node pool prepared the directory.
+        return {"name": "models", "hostPath": {"path": NODE_CACHE_DIR, "type": "Directory"}}
+    # Weights land on the node's disk (instance-store NVMe where the pool has it).
+    local_models = _quantity_gib(placement.ephemeral_storage_bytes)
+    return {"name": "models", "emptyDir": {"sizeLimit": local_models}}
+
+
 def _volumes_and_mounts(
-    md: ModelDeploymentRef, placement: Placement
+    md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     source = md.spec.model.source
     volumes: list[dict[str, Any]] = [
@@ -269,10 +314,8 @@ def _volumes_and_mounts(
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "cache", "mountPath": CACHE_DIR},
     ]
-    local_models = _quantity_gib(placement.ephemeral_storage_bytes)
     if isinstance(source, S3Source):
-        # Weights land on the node's disk (instance-store NVMe where the pool has it).
-        volumes.append({"name": "models", "emptyDir": {"sizeLimit": local_models}})
+        volumes.append(_models_volume(md, placement, config))
         mounts.append({"name": "models", "mountPath": MODELS_DIR})
     elif isinstance(source, VolumeSource):
         volumes.append(
@@ -283,7 +326,7 @@ def _volumes_and_mounts(
         )
         mounts.append({"name": "model-source", "mountPath": MOUNT_ROOT, "readOnly": True})
         if _copy_to_local(md):
-            volumes.append({"name": "models", "emptyDir": {"sizeLimit": local_models}})
+            volumes.append(_models_volume(md, placement, config))
             mounts.append({"name": "models", "mountPath": MODELS_DIR})
     elif isinstance(source, LocalSource):
         # file:// is for single-node development clusters (kind, minikube): the node's directory,
@@ -346,7 +389,7 @@ def _http_probes(placement: Placement) -> dict[str, Any]:
 def _container(
     md: ModelDeploymentRef, placement: Placement, config: OperatorConfig, role: str | None
 ) -> dict[str, Any]:
-    _, mounts = _volumes_and_mounts(md, placement)
+    _, mounts = _volumes_and_mounts(md, placement, config)
     accelerators = {placement.resource_name: str(placement.resource_count)}
     container: dict[str, Any] = {
         "name": "runtime",
@@ -364,7 +407,9 @@ def _container(
                 **accelerators,
                 "cpu": str(placement.cpu_request),
                 "memory": _quantity_gib(placement.memory_request_bytes),
-                "ephemeral-storage": _quantity_gib(placement.ephemeral_storage_bytes),
+                "ephemeral-storage": _quantity_gib(
+                    _pod_ephemeral_storage_bytes(md, placement, config)
+                ),
             },
             "limits": dict(accelerators),
         },
@@ -394,7 +439,7 @@ def _pod_spec(
     pool: str,
     role: str | None,
 ) -> dict[str, Any]:
-    volumes, _ = _volumes_and_mounts(md, placement)
+    volumes, _ = _volumes_and_mounts(md, placement, config)
     node_selector = {INSTANCE_TYPE_LABEL: placement.instance_type}
     tolerations: list[dict[str, Any]] = [
         {"key": accelerator_taint_key(placement), "operator": "Exists", "effect": "NoSchedule"}
@@ -608,8 +653,23 @@ def _scaled_object(
         ],
     }
     if low == 0:
-        # Idle (both triggers inactive) -> 0 replicas; active -> at least minReplicaCount.
-        # With zero pods there are no vLLM metrics: waking up needs a request-side signal.
+        # Idle (every trigger inactive) -> 0 replicas; active -> at least minReplicaCount.
+        # With zero pods there are no vLLM metrics: the wake-up signal is the requests the
+        # operator's activator holds (operator/activator.py), counted like waiting requests.
+        spec["triggers"].append(
+            {
+                "type": "prometheus",
+                "name": "activator",
+                "metricType": "AverageValue",
+                "metadata": {
+                    "serverAddress": server,
+                    "query": "sum(modelship_activator_pending_requests"
+                    f'{{namespace="{md.namespace}",model_deployment="{md.name}"}})',
+                    "threshold": str(md.spec.replicas.target_queue_length),
+                    "activationThreshold": "0",
+                },
+            }
+        )
         spec["idleReplicaCount"] = 0
         spec["cooldownPeriod"] = max(1800, 2 * placement.estimated_ready_seconds)
     return {
@@ -688,6 +748,12 @@ def render(md: ModelDeploymentRef, placement: Placement, config: OperatorConfig)
         if placement.nodes == 1
         else _leader_worker_set(md, placement, config, pool)
     )
+    if wakes_through_activator(md, config) and not config.activator_url:
+        raise RenderError(
+            f"{md.namespace}/{md.name}: spec.replicas.min 0 (scale to zero) needs the operator's "
+            "activator to wake the model on a request, and MODELSHIP_ACTIVATOR_URL is not set: "
+            "install with the Helm chart (it sets it) or set spec.replicas.min to 1."
+        )
     children = [workload, _service(md, placement), _pod_disruption_budget(md, placement)]
     if autoscaled(md):
         if config.autoscaler == "keda":

@@ -6,8 +6,11 @@ Models are a tiny Llama written to a temporary directory (file://) or described 
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +22,7 @@ from modelship.operator.apply import (
     EC2_NODE_CLASS,
     NODE_POOL,
     POD,
+    SCALED_OBJECT,
     SERVICE,
     Kind,
     Kube,
@@ -28,6 +32,7 @@ from modelship.operator.apply import (
 from modelship.runtime.tinymodel import build_tiny_model
 
 from tests.servers.kube import KubeApi, ensure_cluster_peering
+from tests.servers.seaweed import _free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +40,14 @@ MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
 EVENT = Kind("v1", "Event", "events", True)
 T = TypeVar("T")
 
+(ACTIVATOR_PORT,) = _free_ports(1)
+ACTIVATOR_URL = f"http://127.0.0.1:{ACTIVATOR_PORT}"
 OPERATOR_ENV = {
     "MODELSHIP_CLUSTER_NAME": "kmock",
     "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-kmock",
     "MODELSHIP_RESYNC_SECONDS": "2",
+    "MODELSHIP_ACTIVATOR_PORT": str(ACTIVATOR_PORT),
+    "MODELSHIP_ACTIVATOR_URL": ACTIVATOR_URL,
 }
 
 
@@ -142,6 +151,27 @@ def test_create_applies_children_and_reports_status(
     assert status["endpoint"] == "http://chat.team-a.svc.cluster.local:8000/v1"
     assert status["phase"] == "Pending"  # no pod exists in KMock until the test makes one
     assert not any(key.startswith("kopf") for key in status), "kopf progress leaked into status"
+
+
+def test_scale_to_zero_is_served_through_the_operators_activator(
+    operator: Any, kube: Kube, tiny_model: Path
+) -> None:
+    spec = {"model": {"uri": f"file://{tiny_model}"}, "replicas": {"min": 0, "max": 2}}
+    create_md(kube, "team-a", "idle", spec)
+    md = status_where(kube, "team-a", "idle", lambda md: bool((md.get("status") or {}).get("plan")))
+    endpoint = md["status"]["endpoint"]
+    assert endpoint == f"{ACTIVATOR_URL}/models/team-a/idle/v1"
+    scaled = wait_for("ScaledObject", lambda: kube.get(SCALED_OBJECT, "team-a", "idle"))
+    wake = [t for t in scaled["spec"]["triggers"] if t["name"] == "activator"]
+    assert 'model_deployment="idle"' in wake[0]["metadata"]["query"]
+    # The operator process serves that endpoint. There is no cluster DNS here, so the model's
+    # Service does not resolve: the activator says which ModelDeployment it could not find.
+    with urllib.request.urlopen(f"{ACTIVATOR_URL}/healthz", timeout=5) as response:
+        assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{endpoint}/models", timeout=30)
+    assert error.value.code == 404
+    assert "team-a/idle" in json.loads(error.value.read())["error"]["message"]
 
 
 def test_phase_follows_pods(operator: Any, kube: Kube, tiny_model: Path) -> None:

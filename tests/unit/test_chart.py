@@ -193,6 +193,37 @@ def test_config_map_sets_exactly_the_operators_variables() -> None:
     assert any(m["mountPath"] == "/etc/modelship" for m in mounts), "catalog not mounted"
 
 
+def test_activator_url_reaches_the_operator_pods() -> None:
+    """The URL the operator writes into status.endpoint (scale to zero) is the chart's Service,
+    whose port leads to the port the activator listens on."""
+    objs = objects({"operator": {"activatorPort": 9090}})
+    data = next(o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-config"))[
+        "data"
+    ]
+    config = load_config(data)
+    service = next(
+        o for o in of_kind(objs, "Service") if o["metadata"]["name"].endswith("-activator")
+    )
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    (port,) = service["spec"]["ports"]
+    assert config.activator_url == f"http://{name}.{namespace}.svc.cluster.local:{port['port']}"
+    deployment = of_kind(objs, "Deployment")[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == config.activator_port == 9090
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    # The default install matches the operator's built-in default (used by `modelship render`).
+    default = load_config(
+        next(
+            o
+            for o in of_kind(objects({}), "ConfigMap")
+            if o["metadata"]["name"].endswith("-config")
+        )["data"]
+    )
+    assert default.activator_url == OperatorConfig().activator_url
+
+
 def test_operator_deployment_is_restricted_and_probed() -> None:
     deployment = of_kind(objects({}), "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]

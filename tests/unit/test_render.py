@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import yaml
 from modelship.operator.api import load_spec
-from modelship.operator.config import OperatorConfig
+from modelship.operator.config import OperatorConfig, node_cache_enabled
 from modelship.operator.engine import EngineArgs
-from modelship.operator.nodepool import merge_node_pool_objects
+from modelship.operator.nodepool import NODE_CACHE_DIR, NODE_CACHE_UID, merge_node_pool_objects
 from modelship.operator.plan import MemoryBreakdown, Placement
 from modelship.operator.render import (
+    RUNTIME_UID,
     ModelDeploymentRef,
     Rendered,
     RenderError,
@@ -22,6 +23,7 @@ from modelship.operator.render import (
     render,
     render_documents,
 )
+from modelship.operator.source import S3Source
 from modelship.runtime.main import parse_args
 
 from tests.unit.schemas import SchemaError, unchecked_cel_rules, validate_object
@@ -29,8 +31,12 @@ from tests.unit.schemas import SchemaError, unchecked_cel_rules, validate_object
 GIB = 1024**3
 UID = "3f1c9a52-1b7e-4c55-9a0e-2f0d5b6c7e81"
 
+ACTIVATOR = "http://modelship-activator.modelship-system.svc.cluster.local:8082"
 CONFIG = OperatorConfig(
-    cluster_name="prod-eks", node_role="KarpenterNodeRole-prod-eks", pod_monitor=True
+    cluster_name="prod-eks",
+    node_role="KarpenterNodeRole-prod-eks",
+    pod_monitor=True,
+    activator_url=ACTIVATOR,
 )
 
 
@@ -449,7 +455,8 @@ def test_single_node_gpu_deployment(rendered: dict[str, Rendered]) -> None:
         "nvidia.com/gpu": "1",
         "cpu": "3",
         "memory": "12Gi",
-        "ephemeral-storage": "40Gi",
+        # The weights go to the node's shared cache (a hostPath), not the pod's ephemeral storage.
+        "ephemeral-storage": "10Gi",
     }
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
@@ -474,7 +481,7 @@ def test_single_node_gpu_deployment(rendered: dict[str, Rendered]) -> None:
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
-    assert volumes["models"]["emptyDir"] == {"sizeLimit": "40Gi"}
+    assert volumes["models"]["hostPath"] == {"path": NODE_CACHE_DIR, "type": "Directory"}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/models"] == "models" and mounts["/dev/shm"] == "dshm"
 
@@ -486,8 +493,8 @@ def test_runtime_args_for_s3_gpu() -> None:
     assert args[:split] == [
         "--source",
         "s3://models-prod/meta-llama/Llama-3.1-8B-Instruct/",
-        "--model-dir",
-        "/models/llama-3-8b",
+        "--node-cache",
+        "/models",
         "--served-model-name",
         "llama-3-8b",
         "--port",
@@ -871,6 +878,19 @@ def test_scale_to_zero(rendered: dict[str, Rendered]) -> None:
     assert scaled["minReplicaCount"] == 1  # KEDA needs idleReplicaCount < minReplicaCount
     assert scaled["maxReplicaCount"] == 3
     assert scaled["cooldownPeriod"] >= 1800
+    # The wake-up signal: requests the activator holds for this ModelDeployment.
+    wake = next(t for t in scaled["triggers"] if t["name"] == "activator")
+    assert wake["metadata"]["query"] == (
+        'sum(modelship_activator_pending_requests{namespace="serving",model_deployment="llama-3-8b"})'
+    )
+    assert wake["metadata"]["activationThreshold"] == "0"
+    assert wake["metadata"]["serverAddress"] == CONFIG.prometheus_url
+    # Clients go through the activator: the Service refuses connections at zero.
+    ref = SCENARIOS["gpu-s3-scale-to-zero"][0]
+    assert endpoint_url(ref, CONFIG) == f"{ACTIVATOR}/models/serving/llama-3-8b/v1"
+    # Fixed replicas keep no activator trigger.
+    keda = by_kind(rendered["gpu-s3-keda"].children, "ScaledObject")["spec"]
+    assert [t["name"] for t in keda["triggers"]] == ["queue", "kv-cache"]
     # min 0 without a max autoscales 0..1.
     lone = by_kind(render(md(replicas={"min": 0}), LLAMA_8B_L4, CONFIG).children, "ScaledObject")
     assert lone["spec"]["maxReplicaCount"] == 1 and lone["spec"]["idleReplicaCount"] == 0
@@ -879,6 +899,17 @@ def test_scale_to_zero(rendered: dict[str, Rendered]) -> None:
         md(replicas={"min": 0, "max": 3}), LLAMA_8B_L4, config(autoscaler="none")
     ).children[0]
     assert deployment["spec"]["replicas"] == 1
+
+
+def test_scale_to_zero_without_the_activator_is_refused() -> None:
+    no_activator = CONFIG.model_copy(update={"activator_url": ""})
+    with pytest.raises(RenderError, match=r"spec.replicas.min 0 .*MODELSHIP_ACTIVATOR_URL"):
+        render(md(replicas={"min": 0, "max": 3}), LLAMA_8B_L4, no_activator)
+    # An HPA (never at zero) or fixed replicas need no activator.
+    render(
+        md(replicas={"min": 0, "max": 3}), LLAMA_8B_L4, config(autoscaler="hpa", activator_url="")
+    )
+    render(md(replicas={"min": 1, "max": 3}), LLAMA_8B_L4, no_activator)
 
 
 def test_hpa(rendered: dict[str, Rendered]) -> None:
@@ -916,7 +947,7 @@ def test_service_and_endpoint(rendered: dict[str, Rendered]) -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert (
-        endpoint_url(SCENARIOS["gpu-s3-keda"][0])
+        endpoint_url(SCENARIOS["gpu-s3-keda"][0], CONFIG)
         == "http://llama-3-8b.serving.svc.cluster.local:8000/v1"
     )
 
@@ -970,12 +1001,15 @@ SINGLE_NODE = [name for name, (_, place, _) in SCENARIOS.items() if place.nodes 
 def test_the_runtime_accepts_the_rendered_command_line(
     rendered: dict[str, Rendered], scenario: str
 ) -> None:
-    ref, place, _ = SCENARIOS[scenario]
+    ref, place, config = SCENARIOS[scenario]
     (pod,) = pod_specs(rendered[scenario])
     container = runtime(pod)
     args, engine_args = parse_args(container["args"], env={})
     assert args.source == ref.spec.model.uri
-    assert str(args.model_dir) == f"/models/{ref.name}"
+    if isinstance(ref.spec.model.source, S3Source) and node_cache_enabled(config):
+        assert (args.model_dir, str(args.node_cache)) == (None, "/models")
+    else:
+        assert (str(args.model_dir), args.node_cache) == (f"/models/{ref.name}", None)
     assert args.port == 8000 and args.metrics_port == 9400
     assert args.device == ("cuda" if place.accelerator_vendor == "nvidia" else "neuron")
     assert args.predicted_kv_cache_tokens == place.kv_cache_tokens
@@ -1049,3 +1083,59 @@ class TestWithTheRealSizingEngine:
         if plan.chosen.nodes == 1:
             _, engine_args = parse_args(container["args"], env={})
             assert engine_args == plan.chosen.engine_args
+
+
+# --- one download per node -----------------------------------------------------------------------
+
+
+def models_volume(result: Rendered) -> dict[str, Any]:
+    (pod,) = pod_specs(result)
+    return next(v for v in pod["volumes"] if v["name"] == "models")
+
+
+def test_node_cache_is_off_without_a_node_class_modelship_prepares() -> None:
+    ref = md()
+    for config in (
+        CONFIG.model_copy(update={"node_cache": "disabled"}),
+        OperatorConfig(node_pool_mode="eks-nodegroup", subnet_ids=("subnet-1",)),
+        OperatorConfig(node_pool_mode="none"),
+        CONFIG.model_copy(update={"node_class_name": "default"}),
+    ):
+        result = render(ref, LLAMA_8B_L4, config)
+        assert models_volume(result) == {"name": "models", "emptyDir": {"sizeLimit": "40Gi"}}
+        args = runtime(pod_specs(result)[0])["args"]
+        assert args[args.index("--model-dir") + 1] == "/models/llama-3-8b"
+        assert "--node-cache" not in args
+        assert runtime(pod_specs(result)[0])["resources"]["requests"]["ephemeral-storage"] == "40Gi"
+        assert all("userData" not in o["spec"] for o in result.node_pool_objects)
+
+
+def test_node_cache_on_for_nodes_prepared_another_way() -> None:
+    config = OperatorConfig(node_pool_mode="none", node_cache="enabled")
+    result = render(md(), LLAMA_8B_L4, config)
+    assert models_volume(result)["hostPath"] == {"path": NODE_CACHE_DIR, "type": "Directory"}
+
+
+def test_volume_sources_served_in_place_never_use_the_node_cache() -> None:
+    ref = md(uri="fsx://fsx-models/llama")
+    (pod,) = pod_specs(render(ref, LLAMA_8B_L4, CONFIG))
+    assert "models" not in {v["name"] for v in pod["volumes"]}
+    assert all("hostPath" not in v for v in pod["volumes"])
+
+
+def test_the_node_class_prepares_the_node_cache_for_the_runtime_user(tmp_path: Any) -> None:
+    import subprocess
+
+    node_class = by_kind(render(md(), LLAMA_8B_L4, CONFIG).node_pool_objects, "EC2NodeClass")
+    user_data = node_class["spec"]["userData"]
+    assert RUNTIME_UID == NODE_CACHE_UID
+    assert 'Content-Type: multipart/mixed; boundary="MODELSHIP"' in user_data
+    assert "After=setup-local-disks.service" in user_data and "Before=kubelet.service" in user_data
+    assert f"install -d -o {RUNTIME_UID} -g {RUNTIME_UID} -m 0750 {NODE_CACHE_DIR}" in user_data
+    # The shell part and the script it installs both parse.
+    shell = user_data.split('charset="us-ascii"\n\n', 1)[1].split("\n--MODELSHIP--", 1)[0]
+    installed = shell.split("<<'SCRIPT'\n", 1)[1].split("SCRIPT\n", 1)[0]
+    for name, text in (("user-data.sh", shell), ("modelship-node-cache", installed)):
+        path = tmp_path / name
+        path.write_text(text)
+        subprocess.run(["bash", "-n", str(path)], check=True)
