@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,12 @@ CHILD_KINDS: tuple[Kind, ...] = (
 POOL_KINDS: tuple[Kind, ...] = (NODE_POOL, EC2_NODE_CLASS)
 WORKLOAD_KINDS: tuple[Kind, ...] = (DEPLOYMENT, LEADER_WORKER_SET)
 _KINDS = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, *POOL_KINDS, POD, NODE_CLAIM)}
+
+# Shared pools are read, merged with every user's share and applied whole. Two reconciles doing
+# that at once would each apply a merge without the other's share (the last one wins), so pool
+# changes are serialized. One lock suffices: only the elected operator replica reconciles, and
+# a pool change is a handful of API calls.
+_POOL_LOCK = threading.RLock()
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:
@@ -382,6 +389,13 @@ def apply_node_pool(
 ) -> ApplyResult:
     """Apply the shared pool objects (combined with the other users' needs), record this
     ModelDeployment as a user with its own render, and release the pools it no longer uses."""
+    with _POOL_LOCK:
+        return _apply_node_pool(kube, md_namespace, md_name, pool_objects)
+
+
+def _apply_node_pool(
+    kube: Kube, md_namespace: str, md_name: str, pool_objects: Sequence[Mapping[str, Any]]
+) -> ApplyResult:
     result = ApplyResult()
     user_key = pool_user_key(md_namespace, md_name)
     keep: set[tuple[str, str]] = set()
@@ -400,7 +414,7 @@ def apply_node_pool(
         if _essence(before) != _essence(after):
             result.changed.append(describe(obj))
         keep.add((kind.kind, name))
-    result.pools_released = release_node_pools(kube, md_namespace, md_name, keep)
+    result.pools_released = _release_node_pools(kube, md_namespace, md_name, keep)
     return result
 
 
@@ -409,6 +423,13 @@ def release_node_pools(
 ) -> list[str]:
     """Drop this ModelDeployment from the pools it no longer uses: delete a pool left without
     users, or shrink it to what the remaining users asked for. Returns the pools deleted."""
+    with _POOL_LOCK:
+        return _release_node_pools(kube, md_namespace, md_name, keep)
+
+
+def _release_node_pools(
+    kube: Kube, md_namespace: str, md_name: str, keep: set[tuple[str, str]] | None
+) -> list[str]:
     user_key = pool_user_key(md_namespace, md_name)
     deleted = []
     for kind in POOL_KINDS:

@@ -20,6 +20,7 @@ how the tests talk to moto's server.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -86,6 +87,9 @@ class NodeGroups:
             )
         self.config = config
         self.client = client or eks_client(config)
+        # A group's size is read, combined over its users and written back: serialize that, or
+        # two reconciles at once would each write a size without the other's share.
+        self._lock = threading.RLock()
 
     def _describe(self, name: str) -> dict[str, Any] | None:
         try:
@@ -121,6 +125,10 @@ class NodeGroups:
 
     def ensure(self, request: NodeGroupRequest, namespace: str, name: str) -> NodeGroupState:
         """Create the group, or record this user and resize it to all its users' needs."""
+        with self._lock:
+            return self._ensure(request, namespace, name)
+
+    def _ensure(self, request: NodeGroupRequest, namespace: str, name: str) -> NodeGroupState:
         key = user_tag(namespace, name)
         labels = {**request.labels, key: _user_value(request)}
         group = self._describe(request.name)
@@ -195,6 +203,10 @@ class NodeGroups:
     def release(self, namespace: str, name: str, keep: str | None = None) -> list[str]:
         """Drop this user from every group but `keep`; delete groups left without users,
         shrink the others. Returns the groups deleted."""
+        with self._lock:
+            return self._release(namespace, name, keep)
+
+    def _release(self, namespace: str, name: str, keep: str | None) -> list[str]:
         key = user_tag(namespace, name)
         cluster = self.config.cluster_name
         deleted = []

@@ -27,6 +27,7 @@ from modelship.operator.apply import (
     Kind,
     Kube,
     apply_children,
+    apply_node_pool,
     pool_users,
 )
 from modelship.runtime.tinymodel import build_tiny_model
@@ -393,3 +394,40 @@ def test_apply_is_idempotent_and_prunes(kube: Kube) -> None:
     only_service = apply_children(kube, "direct", "team-z", [service])
     assert only_service.pruned == ["ConfigMap team-z/direct-extra"]
     assert kube.get(Kind("v1", "ConfigMap", "configmaps", True), "team-z", "direct-extra") is None
+
+
+def test_concurrent_users_of_one_pool_all_count(kube: Kube) -> None:
+    """Eight ModelDeployments join (then leave) one shared pool at the same instant: the pool's
+    limits end up the sum of their shares, and it goes with the last of them."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from modelship.operator.apply import release_node_pools
+    from modelship.operator.nodepool import karpenter_objects
+
+    from tests.unit.test_render import CONFIG, LLAMA_8B_L4
+
+    objects = karpenter_objects(LLAMA_8B_L4, CONFIG, 3)
+    pool = objects[-1]
+    ((resource, share),) = pool["spec"]["limits"].items()
+    users = [f"md-{i}" for i in range(8)]
+    barrier = Barrier(len(users))
+
+    def join(name: str) -> None:
+        barrier.wait()
+        apply_node_pool(kube, "team-pool", name, objects)
+
+    with ThreadPoolExecutor(len(users)) as pool_threads:
+        list(pool_threads.map(join, users))
+    live = kube.get(NODE_POOL, None, pool["metadata"]["name"])
+    assert live is not None
+    assert sorted(pool_users(live)) == sorted(f"team-pool/{name}" for name in users)
+    assert live["spec"]["limits"][resource] == str(int(share) * len(users))
+
+    def leave(name: str) -> None:
+        barrier.wait()
+        release_node_pools(kube, "team-pool", name)
+
+    with ThreadPoolExecutor(len(users)) as pool_threads:
+        list(pool_threads.map(leave, users))
+    assert kube.get(NODE_POOL, None, pool["metadata"]["name"]) is None

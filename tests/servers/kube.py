@@ -12,7 +12,9 @@ few API-server behaviours modelship relies on:
 - `metadata.generateName` (kopf posts Events with it);
 - `labelSelector=k=v[,k=v]` on lists;
 - a bounded request log and object history: KMock records every request and scans the log on
-  each new one, which slows a long session (or the 1000-object benchmark) quadratically.
+  each new one, which slows a long session (or the 1000-object benchmark) quadratically; only
+  the requests still being served (watch streams among them) are kept;
+- a by-name index for reads and writes of one object (KMock scans every stored object for each).
 
 Not emulated (real API-server features the tests do not rely on): owner-reference garbage
 collection (the operator prunes explicitly), field ownership of server-side apply (KMock merges
@@ -69,7 +71,6 @@ RESOURCES: list[tuple[str, str, bool, tuple[str, ...]]] = [
 ]
 
 APPLY_PATCH = "application/apply-patch+yaml"
-KEEP_REQUESTS = 16  # recent requests kept (KMock scans them all on every request)
 KEEP_VERSIONS = 4  # recent versions kept per object
 
 
@@ -90,6 +91,30 @@ class ModelshipKubeEmulator(kmock.KubernetesEmulator):
     """KMock's emulator plus server-side-apply upserts, object metadata and label selectors."""
 
     _version_counter: int = attrs.field(default=0, init=False)
+    _in_flight: set[int] = attrs.field(factory=set, init=False)
+    _by_name: dict[str, set[Any]] = attrs.field(factory=dict, init=False)
+    _indexed: int = attrs.field(default=0, init=False)
+
+    def _KubernetesEmulator__get_objs(  # overrides KMock's name-mangled lookup
+        self, request: rendering.Request, strict: bool
+    ) -> list[Any]:
+        """KMock's lookup scans every stored object; for one named object, look at the stored
+        keys with that name only (an index of keys, rebuilt when keys were added)."""
+        check = self._KubernetesEmulator__check
+        if request.name is not None:
+            if len(self._objects) != self._indexed:
+                self._by_name.clear()
+                for key in self._objects:
+                    self._by_name.setdefault(key[2], set()).add(key)
+                self._indexed = len(self._objects)
+            found = [
+                self._objects[key]
+                for key in self._by_name.get(request.name, ())
+                if key in self._objects and check(request, *key, strict=strict)
+            ]
+            if found:
+                return found
+        return [obj for key, obj in self._objects.items() if check(request, *key, strict=strict)]
 
     def _next_version(self) -> str:
         self._version_counter += 1
@@ -169,10 +194,14 @@ class ModelshipKubeEmulator(kmock.KubernetesEmulator):
                     }
                 )
         # KMock keeps every request for assertions and scans them on each new request (by
-        # identity, per reaction): quadratic over a long session. Keep only the recent ones.
-        if len(self._requests) > 2 * KEEP_REQUESTS:
-            del self._requests[:-KEEP_REQUESTS]
-        response = await super()._handle(request)
+        # identity, per reaction): quadratic over a long session. Keep only those in flight,
+        # which the scan must still find.
+        self._in_flight.add(id(request))
+        self._requests[:] = [r for r in self._requests if id(r) in self._in_flight]
+        try:
+            response = await super()._handle(request)
+        finally:
+            self._in_flight.discard(id(request))
         if request.resource is not None and request.name is not None:
             key = (request.resource, request.namespace, request.name)
             if key in self.objects and len(self.objects[key].history) > 2 * KEEP_VERSIONS:
