@@ -231,7 +231,7 @@ def main() -> None:
         raise SystemExit(f"{args.work}: needs {need / 1e9:.1f} GB free, has {free / 1e9:.1f} GB")
     work = Path(tempfile.mkdtemp(prefix="fetch-bench-", dir=args.work))
     (work / "data").mkdir()
-    server = start_seaweed(work / "data", work / "weed.log")
+    server = start_seaweed(work / "data")
     try:
         bench = Bench(server, work)
         started = time.perf_counter()

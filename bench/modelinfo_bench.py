@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         (base / "data").mkdir()
-        server = start_seaweed(base / "data", base / "weed.log")
+        server = start_seaweed(base / "data")
         try:
             client = server.client()
             layouts = [

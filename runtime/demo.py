@@ -188,7 +188,10 @@ def start_seaweed(
             server.stop()
             raise RuntimeError(f"weed mini exited with code {process.returncode}:\n{tail}")
         try:
+            # The bucket can answer HEAD before the filer takes writes: check a write too.
             client.head_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key=".ready", Body=b"ok")
+            client.delete_object(Bucket=bucket, Key=".ready")
             return server
         except Exception:
             if time.monotonic() > deadline:

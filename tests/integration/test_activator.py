@@ -8,7 +8,6 @@ import asyncio
 import gzip
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from modelship.operator.activator import Activator, Upstream, pending_gauge
+from modelship.runtime.demo import free_port
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -28,12 +28,6 @@ NS, NAME = "ns", "m"
 GAUGE = "modelship_activator_pending_requests"
 SSE_CHUNKS = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
 GZIPPED = gzip.compress(b'{"object": "list", "data": []}' * 50)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -30,10 +30,10 @@ from modelship.operator.apply import (
     apply_node_pool,
     pool_users,
 )
+from modelship.runtime.demo import free_port
 from modelship.runtime.tinymodel import build_tiny_model
 
 from tests.servers.kube import KubeApi, ensure_cluster_peering
-from tests.servers.seaweed import _free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
 EVENT = Kind("v1", "Event", "events", True)
 T = TypeVar("T")
 
-(ACTIVATOR_PORT,) = _free_ports(1)
+ACTIVATOR_PORT = free_port()
 ACTIVATOR_URL = f"http://127.0.0.1:{ACTIVATOR_PORT}"
 OPERATOR_ENV = {
     "MODELSHIP_CLUSTER_NAME": "kmock",

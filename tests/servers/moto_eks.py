@@ -7,7 +7,6 @@ one) and yields its name.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +16,15 @@ from pathlib import Path
 
 import boto3
 import pytest
+from modelship.runtime.demo import free_port
 
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
 def moto_eks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto_server on a free loopback port; its URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     moto_server = Path(sys.executable).parent / "moto_server"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}

