@@ -96,8 +96,8 @@ def _object_lock(memo: Any) -> threading.Lock:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Load and check the configuration and catalog; configure kopf."""
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Load and check the configuration and catalog; configure kopf; serve the activator."""
     config = load_config()
     settings.peering.name = PEERING_NAME
     settings.peering.mandatory = False
@@ -117,20 +117,14 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         kube=Kube.from_environment(),
         node_groups=node_groups,
     )
-
-
-@kopf.on.startup()
-async def start_activator(memo: kopf.Memo, **_: Any) -> None:
-    """Serve the activator (operator/activator.py) on every replica: it keeps no state, so it
-    needs no leader, and a standby replica behind the Service answers too."""
-    config = load_config()
-    if not config.activator_port:
-        return
-    activator = Activator(
-        hold_seconds=config.activator_hold_seconds, pending=METRICS.activator_pending
-    )
-    await activator.start("0.0.0.0", config.activator_port)
-    memo.activator = activator
+    # The activator (operator/activator.py) runs on every replica, leader or not: it keeps no
+    # state, and a standby replica behind the Service answers too.
+    if config.activator_port:
+        activator = Activator(
+            hold_seconds=config.activator_hold_seconds, pending=METRICS.activator_pending
+        )
+        await activator.start("0.0.0.0", config.activator_port)
+        memo.activator = activator
 
 
 @kopf.on.cleanup()

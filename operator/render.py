@@ -612,12 +612,45 @@ def _metric_selector(md: ModelDeploymentRef) -> str:
     return f'namespace="{md.namespace}",model_name="{served_model_name(md)}"'
 
 
+def _prometheus_trigger(
+    config: OperatorConfig,
+    name: str,
+    metric_type: str,
+    query: str,
+    threshold: str,
+    activation_threshold: str | None = None,
+) -> dict[str, Any]:
+    metadata = {"serverAddress": config.prometheus_url, "query": query, "threshold": threshold}
+    if activation_threshold is not None:
+        metadata["activationThreshold"] = activation_threshold
+    return {"type": "prometheus", "name": name, "metricType": metric_type, "metadata": metadata}
+
+
 def _scaled_object(
     md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
 ) -> dict[str, Any]:
     low, high = replica_bounds(md)
-    server = config.prometheus_url
     selector = _metric_selector(md)
+    waiting_per_replica = str(md.spec.replicas.target_queue_length)
+    triggers = [
+        # AverageValue: KEDA divides the sum by replicas, so this is waiting per replica.
+        _prometheus_trigger(
+            config,
+            "queue",
+            "AverageValue",
+            f"sum(vllm:num_requests_waiting{{{selector}}})",
+            waiting_per_replica,
+            activation_threshold="0",  # one waiting request wakes an idle workload
+        ),
+        # Value: the average is already per replica.
+        _prometheus_trigger(
+            config,
+            "kv-cache",
+            "Value",
+            f"avg(vllm:kv_cache_usage_perc{{{selector}}})",
+            KV_CACHE_SCALE_THRESHOLD,
+        ),
+    ]
     spec: dict[str, Any] = {
         "scaleTargetRef": workload_ref(md, placement),
         "minReplicaCount": max(low, 1),
@@ -626,49 +659,22 @@ def _scaled_object(
         # Don't judge a replica idle before it could ever have served.
         "initialCooldownPeriod": 2 * placement.estimated_ready_seconds,
         "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(placement)}},
-        "triggers": [
-            {
-                "type": "prometheus",
-                "name": "queue",
-                # AverageValue: KEDA divides the sum by replicas, so this is waiting per replica.
-                "metricType": "AverageValue",
-                "metadata": {
-                    "serverAddress": server,
-                    "query": f"sum(vllm:num_requests_waiting{{{selector}}})",
-                    "threshold": str(md.spec.replicas.target_queue_length),
-                    "activationThreshold": "0",
-                },
-            },
-            {
-                "type": "prometheus",
-                "name": "kv-cache",
-                # Value: the average is already per replica.
-                "metricType": "Value",
-                "metadata": {
-                    "serverAddress": server,
-                    "query": f"avg(vllm:kv_cache_usage_perc{{{selector}}})",
-                    "threshold": KV_CACHE_SCALE_THRESHOLD,
-                },
-            },
-        ],
+        "triggers": triggers,
     }
     if low == 0:
         # Idle (every trigger inactive) -> 0 replicas; active -> at least minReplicaCount.
         # With zero pods there are no vLLM metrics: the wake-up signal is the requests the
         # operator's activator holds (operator/activator.py), counted like waiting requests.
-        spec["triggers"].append(
-            {
-                "type": "prometheus",
-                "name": "activator",
-                "metricType": "AverageValue",
-                "metadata": {
-                    "serverAddress": server,
-                    "query": "sum(modelship_activator_pending_requests"
-                    f'{{namespace="{md.namespace}",model_deployment="{md.name}"}})',
-                    "threshold": str(md.spec.replicas.target_queue_length),
-                    "activationThreshold": "0",
-                },
-            }
+        pending = f'namespace="{md.namespace}",model_deployment="{md.name}"'
+        triggers.append(
+            _prometheus_trigger(
+                config,
+                "activator",
+                "AverageValue",
+                f"sum(modelship_activator_pending_requests{{{pending}}})",
+                waiting_per_replica,
+                activation_threshold="0",
+            )
         )
         spec["idleReplicaCount"] = 0
         spec["cooldownPeriod"] = max(1800, 2 * placement.estimated_ready_seconds)

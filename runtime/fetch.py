@@ -231,6 +231,18 @@ def _walk_volume(root: Path) -> tuple[list[tuple[str, int]], list[SkippedFile]]:
     return listing, pruned
 
 
+def _select_volume(root: Path, trust_pickle: bool) -> Selection:
+    """What the engine needs of a mounted model, with the hidden directories reported as skipped."""
+    listing, pruned = _walk_volume(root)
+    selection = select_files(listing, trust_pickle=trust_pickle)
+    return Selection(selection.files, selection.skipped + tuple(pruned))
+
+
+def _volume_version(stat: os.stat_result) -> str:
+    """A file's version on a volume (where S3 has an ETag): its modification time."""
+    return f"mtime_ns:{stat.st_mtime_ns}"
+
+
 def _record_skips(selection: Selection, metrics: RuntimeMetrics | None) -> None:
     if metrics is None:
         return
@@ -246,13 +258,10 @@ def _serve_in_place(
     log: Callable[[str], None],
     started: float,
 ) -> FetchReport:
-    listing, pruned = _walk_volume(root)
-    selection = select_files(listing, trust_pickle=trust_pickle)
-    selection = Selection(selection.files, selection.skipped + tuple(pruned))
+    selection = _select_volume(root, trust_pickle)
     _record_skips(selection, metrics)
     file_etags = {
-        selected.key: f"mtime_ns:{(root / selected.key).stat().st_mtime_ns}"
-        for selected in selection.files
+        selected.key: _volume_version((root / selected.key).stat()) for selected in selection.files
     }
     seconds = time.monotonic() - started
     if metrics is not None:
@@ -1277,16 +1286,14 @@ def _copy_volume(
     log: Callable[[str], None],
     started: float,
 ) -> FetchReport:
-    listing, pruned = _walk_volume(root)
-    selection = select_files(listing, trust_pickle=trust_pickle)
-    selection = Selection(selection.files, selection.skipped + tuple(pruned))
+    selection = _select_volume(root, trust_pickle)
     dest = _prepare_dest(dest)
     if dest == root.resolve() or root.resolve().is_relative_to(dest):
         raise FetchError(f"{dest}: copying {root} into itself; choose another local directory.")
     remotes = []
     for selected in selection.files:
         stat = (root / selected.key).stat()
-        remotes.append(_Remote(selected.key, stat.st_size, f"mtime_ns:{stat.st_mtime_ns}"))
+        remotes.append(_Remote(selected.key, stat.st_size, _volume_version(stat)))
     log(
         f"copying {uri} from {root} into {dest}: {len(remotes)} files, "
         f"{_fmt_bytes(selection.total_bytes)}; {_fmt_skipped(selection.skipped)}"
@@ -1311,6 +1318,7 @@ def _copy_volume(
 
 
 __all__ = [
+    "DiskSpaceError",
     "FetchError",
     "FetchReport",
     "SelectionError",
