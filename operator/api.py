@@ -21,8 +21,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from .engine import PLANNED_FLAGS
 from .source import URI_PATTERN, ModelSource, SourceError, parse_source
+from .vllm_options import EngineArgsError, check_user_engine_args
 
 GROUP = "modelship.dev"
 VERSION = "v1alpha1"
@@ -154,6 +154,14 @@ class ModelSpec(_Model):
             "fetched and loaded, since pickle files can run code."
         ),
     )
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Run the Python code the model package ships (vLLM's --trust-remote-code), for "
+            "architectures vLLM does not implement itself. Off by default: that code runs in the "
+            "runtime pod with its credentials. The only way to turn it on; engineArgs may not."
+        ),
+    )
     copy_to_local_disk: bool | None = Field(
         None,
         description=(
@@ -240,8 +248,10 @@ class ServingSpec(_Model):
     engine_args: list[str] = Field(
         default_factory=list,
         description=(
-            "Extra vLLM arguments, e.g. ['--enable-prefix-caching']. Flags the plan sets "
-            "(parallelism, lengths, dtype, quantization, port) are not allowed here."
+            "Extra vLLM arguments, e.g. ['--enable-prefix-caching']. They are parsed the way vLLM "
+            "parses them (underscores, --flag=value, abbreviations, short options); options the "
+            "plan sets (parallelism, lengths, memory, dtype, quantization, port, "
+            "--trust-remote-code) are refused in any spelling: set the matching spec field."
         ),
     )
     image: str | None = Field(
@@ -251,14 +261,12 @@ class ServingSpec(_Model):
     @field_validator("engine_args")
     @classmethod
     def _no_planned_flags(cls, args: list[str]) -> list[str]:
-        for arg in args:
-            name = arg.split("=", 1)[0]
-            if name in PLANNED_FLAGS:
-                raise ValueError(
-                    f"{name} is set by the plan; use the matching spec field instead "
-                    "(spec.serving.maxModelLen, spec.serving.concurrency, spec.model.quantization, "
-                    "spec.serving.kvCacheDtype, spec.accelerator.*) or remove it."
-                )
+        # Parsed the way vLLM parses them: --max_model_len, --max-model=4096, -tp 2, -qfp8 and
+        # --device-memory-utilization are all refused, not just the literal planned names.
+        try:
+            check_user_engine_args(args, field="engineArgs")
+        except EngineArgsError as error:
+            raise ValueError(str(error).removeprefix("engineArgs: ")) from None
         return args
 
 

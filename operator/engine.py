@@ -14,30 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Device = Literal["cuda", "neuron", "cpu"]
 
-# Flags the plan decides; a user's spec.serving.engineArgs may not set them, because a different
-# value would contradict the memory the plan reserved.
-PLANNED_FLAGS = frozenset(
-    {
-        "--model",
-        "--tensor-parallel-size",
-        "-tp",
-        "--pipeline-parallel-size",
-        "-pp",
-        "--max-model-len",
-        "--max-num-seqs",
-        "--max-num-batched-tokens",
-        "--gpu-memory-utilization",
-        "--dtype",
-        "--quantization",
-        "-q",
-        "--kv-cache-dtype",
-        "--served-model-name",
-        "--port",
-        "--host",
-        "--override-generation-config",
-    }
-)
-
 
 class EngineArgs(BaseModel):
     """The vLLM arguments a plan decides (per replica)."""
@@ -56,6 +32,8 @@ class EngineArgs(BaseModel):
     kv_cache_dtype: str = "auto"
     runner: Literal["generate", "pooling"] = "generate"
     enforce_eager: bool = False
+    # Only from spec.model.trustRemoteCode; user engine arguments may not set it.
+    trust_remote_code: bool = False
     # Generation defaults served when a request leaves them out (spec.serving.sampling).
     generation_defaults: dict[str, float | int] = Field(default_factory=dict)
     extra_args: tuple[str, ...] = ()
@@ -68,17 +46,18 @@ class EngineArgs(BaseModel):
         host: str | None = None,
         port: int | None = None,
     ) -> list[str]:
-        """Render the arguments of `vllm serve` (without the program name)."""
-        argv: list[str] = []
+        """Render the arguments of `vllm serve` (without the program name).
+
+        Order matters: vLLM's argparse keeps the last value of a repeated option, so the extra
+        (user) arguments come first, the plan's next and the pod's last; nothing a user writes
+        can override the memory the plan reserved, even if it got past the checks.
+        """
+        argv: list[str] = [*self.extra_args]
 
         def flag(name: str, value: Any) -> None:
             if value is not None:
                 argv.extend([name, str(value)])
 
-        flag("--model", model)
-        flag("--served-model-name", served_model_name)
-        flag("--host", host)
-        flag("--port", port)
         flag("--tensor-parallel-size", self.tensor_parallel_size)
         if self.pipeline_parallel_size > 1:
             flag("--pipeline-parallel-size", self.pipeline_parallel_size)
@@ -95,11 +74,16 @@ class EngineArgs(BaseModel):
             flag("--runner", self.runner)
         if self.enforce_eager:
             argv.append("--enforce-eager")
+        if self.trust_remote_code:
+            argv.append("--trust-remote-code")
         if self.generation_defaults:
             # Applied on top of the checkpoint's generation_config.json: the spec's values win.
             flag(
                 "--override-generation-config",
                 json.dumps(self.generation_defaults, sort_keys=True, separators=(",", ":")),
             )
-        argv.extend(self.extra_args)
+        flag("--model", model)
+        flag("--served-model-name", served_model_name)
+        flag("--host", host)
+        flag("--port", port)
         return argv

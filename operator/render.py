@@ -35,6 +35,8 @@ from .nodepool import (
 from .plan import Placement
 from .sizing import EPHEMERAL_BASE_BYTES
 from .source import LocalSource, S3Source, VolumeSource
+from .vllm_options import NO_TELEMETRY_ENV
+from .vllm_options import values as vllm_values
 
 __all__ = [
     "ModelDeploymentRef",
@@ -260,9 +262,10 @@ def runtime_args(
         args += ["--role", role, "--nodes", str(placement.nodes)]
         if role == "worker":
             args += ["--leader-address", "$(LWS_LEADER_ADDRESS)"]
-    engine_args = [*placement.engine_args, *spec.serving.engine_args]
-    flags = {arg.split("=", 1)[0] for arg in engine_args}
-    if role is not None and "--distributed-executor-backend" not in flags:
+    # The user's arguments first: vLLM keeps the last value of a repeated option, so the plan's
+    # memory settings win even if a user argument got past the API's checks.
+    engine_args = [*spec.serving.engine_args, *placement.engine_args]
+    if role is not None and "distributed_executor_backend" not in vllm_values(engine_args):
         engine_args += ["--distributed-executor-backend", "ray"]
     return [*args, "--", *engine_args]
 
@@ -340,7 +343,11 @@ def _volumes_and_mounts(
 
 def _env(config: OperatorConfig) -> list[dict[str, Any]]:
     # No AWS keys, ever: S3 access comes from the service account's role (IRSA / Pod Identity).
-    env: list[dict[str, Any]] = [{"name": "XDG_CACHE_HOME", "value": CACHE_DIR}]
+    env: list[dict[str, Any]] = [
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        # Nodes make no calls home: vLLM's usage statistics off (the runtime sets them too).
+        *({"name": name, "value": value} for name, value in NO_TELEMETRY_ENV.items()),
+    ]
     if config.s3_endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": config.s3_endpoint_url})
     return env

