@@ -89,6 +89,13 @@ class OperatorConfig(BaseModel):
         gt=0,
         description="How long the activator holds a request while its model scales up from zero.",
     )
+    allow_file_sources: bool = Field(
+        False,
+        description="Accept file:// model sources. Off by default: a file:// source renders a "
+        "hostPath of that directory and makes the operator read its own file system, so anyone "
+        "allowed to create a ModelDeployment could read any host directory. Turn on only for "
+        "local development and the demo (the CLI always accepts file://).",
+    )
     neuron_cache_uri: str | None = Field(
         None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
     )

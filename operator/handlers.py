@@ -44,6 +44,7 @@ from .modelinfo import ModelInfoError, inspect_model
 from .nodegroups import NodeGroups
 from .opmetrics import METRICS
 from .plan import Placement
+from .policy import refuse_disallowed_source
 from .render import ModelDeploymentRef, Rendered, RenderError, endpoint_url, render
 from .sizing import make_plan
 from .status import Failure, ReconcileFacts, build_status
@@ -145,6 +146,7 @@ def plan_and_render(context: Context, body: kopf.Body) -> tuple[Placement, Rende
     meta = body["metadata"]
     try:
         spec = load_spec(dict(body.get("spec") or {}))
+        refuse_disallowed_source(spec, context.config)  # before anything reads the model
         info = inspect_model(
             spec.model.source,
             overrides=spec.model.architecture,

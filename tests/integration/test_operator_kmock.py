@@ -49,6 +49,8 @@ OPERATOR_ENV = {
     "MODELSHIP_RESYNC_SECONDS": "2",
     "MODELSHIP_ACTIVATOR_PORT": str(ACTIVATOR_PORT),
     "MODELSHIP_ACTIVATOR_URL": ACTIVATOR_URL,
+    # The tests serve a tiny model from a temporary directory (file://), off by default.
+    "MODELSHIP_ALLOW_FILE_SOURCES": "true",
 }
 
 
