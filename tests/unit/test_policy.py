@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from modelship.operator.api import ModelDeploymentSpec, SpecError, load_spec
 from modelship.operator.config import load_config
 from modelship.operator.policy import refuse_disallowed_source
