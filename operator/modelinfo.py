@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .api import Architecture
+from .packagerules import TOKENIZER_RULE, find_tokenizer
 from .plan import ModelInfo, WeightDtype
 from .source import LocalSource, ModelSource, S3Source, VolumeSource
 
@@ -95,13 +96,6 @@ _NOT_PARAMETER_SUFFIXES = (
 _OUTPUT_HEAD_SUFFIXES = ("lm_head.weight", "lm_head.qweight", "lm_head.weight_packed")
 # Model families whose config class ties the output head to the embedding when unsaid.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text", "paligemma"}
-_TOKENIZER_FILES = {
-    "tokenizer.json",
-    "tokenizer.model",
-    "tiktoken.model",
-    "tekken.json",
-    "vocab.txt",
-}
 _TRAINING_STATE = re.compile(
     r"^(optimizer\.(pt|bin)|scheduler\.pt|rng_state.*\.pth|trainer_state\.json"
     r"|training_args\.bin|global_step\d+)$"
@@ -530,14 +524,12 @@ def model_info_from_config(
     is_training_checkpoint = False
     if files is not None:
         top_level = {path for path in files if "/" not in path}
-        has_tokenizer = bool(top_level & _TOKENIZER_FILES) or (
-            {"vocab.json", "merges.txt"} <= top_level
-        )
+        # The same rule as the runtime's verify (operator/packagerules.py).
+        has_tokenizer = find_tokenizer(top_level) is not None
         if not has_tokenizer:
             warnings.append(
-                "the package has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + "
-                "merges.txt next to config.json); vLLM will fail to start. Add the tokenizer "
-                "files of the base model."
+                f"the package has no tokenizer ({TOKENIZER_RULE} next to config.json); vLLM "
+                "will fail to start. Add the tokenizer files of the base model."
             )
         training_state = sorted(
             {

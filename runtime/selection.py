@@ -6,8 +6,9 @@ Pure: the input is a listing of (key relative to the model root, size in bytes),
 model lives.
 
 Taken: safetensors weights and their index, config.json, generation_config.json, quantization
-configs, tokenizer and chat-template files, processor configs, and custom model code (*.py, run
-only with trust_remote_code). Pickle weights (*.bin, *.pt, *.pth, *.ckpt) only with
+configs, tokenizer and chat-template files, processor configs, sentence-transformers module
+files (modules.json, sentence_*_config.json, 1_Pooling/config.json, Dense layers: vLLM reads them
+to choose the pooling), and custom model code (*.py, run only with trust_remote_code). Pickle weights (*.bin, *.pt, *.pth, *.ckpt) only with
 `trust_pickle=True` and only when no safetensors exist. Everything else is skipped and reported.
 
 Keys that could escape the target directory ('..', absolute, backslashes, empty names) are
@@ -22,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-FileKind = Literal["weights", "weights_index", "config", "tokenizer", "processor", "code"]
+from ..operator.packagerules import (
+    SENTENCE_TRANSFORMERS_ROOT_FILES,
+    TOKENIZER_FILE_NAMES,
+    TOKENIZER_PATTERNS,
+    is_sentence_transformers_module_file,
+)
+
+FileKind = Literal[
+    "weights", "weights_index", "config", "tokenizer", "processor", "code", "sentence_transformers"
+]
 
 # Short, stable reason codes (they label the files-skipped metric); `detail` says it for people.
 SkipReason = Literal[
@@ -49,21 +59,10 @@ _CONFIG_NAMES = frozenset(
         "hf_quant_config.json",
     }
 )
-_TOKENIZER_NAMES = frozenset(
-    {
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "tokenizer.model",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "vocab.txt",
-        "merges.txt",
-        "spiece.model",
-        "sentencepiece.bpe.model",
-    }
-)
-_TOKENIZER_PATTERNS = ("chat_template.*", "*.tiktoken", "tekken.json")
+# Every file the shared tokenizer rule accepts (operator/packagerules.py), so what verify looks
+# for is always fetched.
+_TOKENIZER_NAMES = TOKENIZER_FILE_NAMES
+_TOKENIZER_PATTERNS = ("chat_template.*", *TOKENIZER_PATTERNS)
 _PROCESSOR_NAMES = frozenset(
     {
         "preprocessor_config.json",
@@ -194,6 +193,9 @@ def _classify(key: str) -> FileKind | tuple[SkipReason, str] | None:
     if any(part.startswith(".") for part in parts):
         return ("hidden", "hidden or version-control file (.git*, dotfiles)")
     top = parts[0]
+    if is_sentence_transformers_module_file(key):
+        # 1_Pooling/config.json and friends: vLLM reads them to choose the pooling.
+        return "sentence_transformers"
     if len(parts) > 1:
         if top.startswith("global_step") or top.startswith("checkpoint-"):
             return ("training_state", f"training checkpoint directory {top}/ (optimizer state)")
@@ -207,6 +209,8 @@ def _classify(key: str) -> FileKind | tuple[SkipReason, str] | None:
         return ("training_state", "optimizer, scheduler or RNG state from training")
     if name in _CONFIG_NAMES:
         return "config"
+    if name in SENTENCE_TRANSFORMERS_ROOT_FILES:
+        return "sentence_transformers"
     if name in _TOKENIZER_NAMES or _matches(name, _TOKENIZER_PATTERNS):
         return "tokenizer"
     if name in _PROCESSOR_NAMES:

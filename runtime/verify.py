@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..operator.packagerules import TOKENIZER_RULE, find_tokenizer
+
 # Weight formats that are unpickled on load: loading one runs arbitrary code from the file.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # A safetensors header larger than this is corrupt (the format itself caps it at 100 MB).
@@ -140,18 +142,16 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def _tokenizer_files(model_dir: Path) -> list[str]:
-    if (model_dir / "tokenizer.json").is_file():
-        return ["tokenizer.json"] + (
-            ["tokenizer_config.json"] if (model_dir / "tokenizer_config.json").is_file() else []
+    # The same rule as the operator's plan (operator/packagerules.py): a package the operator
+    # accepted is never refused here.
+    names = [path.name for path in model_dir.iterdir() if path.is_file()]
+    found = find_tokenizer(names)
+    if found is None:
+        raise VerifyError(
+            f"{model_dir}: no tokenizer ({TOKENIZER_RULE}). Upload the tokenizer files with the "
+            "model, e.g. AutoTokenizer.from_pretrained(...).save_pretrained(<dir>)."
         )
-    has_config = (model_dir / "tokenizer_config.json").is_file()
-    if (model_dir / "tokenizer.model").is_file() and has_config:
-        return ["tokenizer.model", "tokenizer_config.json"]
-    raise VerifyError(
-        f"{model_dir}: no tokenizer (tokenizer.json, or tokenizer.model with "
-        "tokenizer_config.json). Upload the tokenizer files with the model, e.g. "
-        "AutoTokenizer.from_pretrained(...).save_pretrained(<dir>)."
-    )
+    return list(found)
 
 
 def verify_model_dir(model_dir: Path, *, trust_pickle: bool = False) -> VerifyReport:

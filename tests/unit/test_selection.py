@@ -251,3 +251,37 @@ def test_safe_destination_refuses_symlinks_in_dest(tmp_path: Path) -> None:
         safe_destination(dest, "linked/model.safetensors")
     with pytest.raises(UnsafeKeyError, match="symlink"):
         safe_destination(dest, "config.json")
+
+
+def test_sentence_transformers_files_are_fetched() -> None:
+    # An e5 / MiniLM / gte layout: without modules.json and 1_Pooling/config.json vLLM falls
+    # back to the architecture's default pooling (CLS for BERT) instead of mean pooling.
+    listing = [
+        ("config.json", 600),
+        ("model.safetensors", 90_000_000),
+        ("tokenizer.json", 700_000),
+        ("vocab.txt", 230_000),
+        ("modules.json", 350),
+        ("config_sentence_transformers.json", 120),
+        ("sentence_bert_config.json", 50),
+        ("1_Pooling/config.json", 300),
+        ("2_Dense/config.json", 100),
+        ("2_Dense/model.safetensors", 1_000_000),
+        ("2_Normalize/.gitkeep", 0),
+        ("onnx/model.onnx", 90_000_000),
+        ("README.md", 9_000),
+    ]
+    selection = select_files(listing)
+    kinds = {selected.key: selected.kind for selected in selection.files}
+    for key in (
+        "modules.json",
+        "config_sentence_transformers.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+    ):
+        assert kinds[key] == "sentence_transformers", key
+    assert kinds["model.safetensors"] == "weights"
+    skipped = {skipped.key for skipped in selection.skipped}
+    assert {"onnx/model.onnx", "README.md", "2_Normalize/.gitkeep"} <= skipped
