@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,17 @@ WEIGHT_DISK_FACTOR = 1.2  # headroom for partial downloads next to complete file
 # by the runtime's user, on the instance-store RAID0 where the instance has one.
 NODE_CACHE_DIR = "/var/lib/modelship/models"
 NODE_CACHE_UID = 1000  # operator/render.py RUNTIME_UID
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def node_cache_key(source: str, identity: str = "") -> str:
+    """The directory of a model under NODE_CACHE_DIR, for a source URL read by `identity`
+    (namespace/service account): readable, and unique by a digest of both, so pods of two
+    identities never share weights (neither reading nor poisoning each other's)."""
+    readable = _UNSAFE_NAME.sub("-", source.split("://", 1)[-1]).strip("-.")[-60:] or "model"
+    digest = hashlib.sha256(f"{identity}\n{source}".encode()).hexdigest()[:12]
+    return f"{readable.lstrip('-.')}-{digest}"
+
 
 CapacityType = Literal["on-demand", "spot"]
 

@@ -29,6 +29,7 @@ from .nodepool import (
     NodePoolError,
     accelerator_taint_key,
     karpenter_objects,
+    node_cache_key,
     node_group_request,
     pool_name,
 )
@@ -220,9 +221,9 @@ def runtime_args(
     """The `modelship-runtime` command line; role is None (one node), "leader" or "worker"."""
     spec = md.spec
     source = spec.model.source
-    # With the node cache the runtime names the model's directory under it, from the source.
+    # With the node cache the pod mounts only its model's directory, MODELS_DIR/<key>.
     model_dir = (
-        ["--node-cache", MODELS_DIR]
+        ["--node-cache", MODELS_DIR, "--node-cache-key", node_cache_dir_name(md, config)]
         if _node_cache(md, config)
         else ["--model-dir", f"{MODELS_DIR}/{md.name}"]
     )
@@ -290,12 +291,76 @@ def _pod_ephemeral_storage_bytes(
     return placement.ephemeral_storage_bytes
 
 
+def node_cache_dir_name(md: ModelDeploymentRef, config: OperatorConfig) -> str:
+    """The model's directory under the node cache: per source, namespace and service account, so
+    two tenants never share (read or overwrite) each other's cached weights."""
+    return node_cache_key(md.spec.model.uri, f"{md.namespace}/{config.service_account}")
+
+
+def _models_mount_path(md: ModelDeploymentRef, config: OperatorConfig) -> str:
+    if _node_cache(md, config):
+        return f"{MODELS_DIR}/{node_cache_dir_name(md, config)}"
+    return MODELS_DIR
+
+
+NODE_CACHE_ROOT_MOUNT = "/node-cache"
+
+
+def _node_cache_init_container(
+    md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
+) -> dict[str, Any]:
+    """Creates the model's directory in the node cache and evicts unused models for room. It
+    alone mounts the whole cache, so it runs the operator's runtime image, never the user's
+    spec.serving.image, and no user code."""
+    image = (
+        config.runtime_image
+        if placement.accelerator_vendor == "nvidia"
+        else config.neuron_runtime_image
+    )
+    return {
+        "name": "node-cache",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python3", "-m", "modelship.runtime.nodecache"],
+        "args": [
+            "--root",
+            NODE_CACHE_ROOT_MOUNT,
+            "--key",
+            node_cache_dir_name(md, config),
+            "--needed-bytes",
+            str(placement.weight_bytes),
+        ],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "volumeMounts": [{"name": "node-cache-root", "mountPath": NODE_CACHE_ROOT_MOUNT}],
+        "securityContext": _container_security_context(),
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_UID,
+        "runAsGroup": RUNTIME_UID,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        # vLLM, PyTorch, Triton and the Neuron runtime write temp files in places the image
+        # does not make configurable (/tmp, ~/.config); caches go to the `cache` volume.
+        "readOnlyRootFilesystem": False,
+    }
+
+
 def _models_volume(
     md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
 ) -> dict[str, Any]:
     if _node_cache(md, config):
-        # One download per node (runtime/nodecache.py); the node pool prepared the directory.
-        return {"name": "models", "hostPath": {"path": NODE_CACHE_DIR, "type": "Directory"}}
+        # One download per node (runtime/nodecache.py), in this model's own directory only: the
+        # rest of the cache (other namespaces' weights) is never visible to the pod.
+        path = f"{NODE_CACHE_DIR}/{node_cache_dir_name(md, config)}"
+        return {"name": "models", "hostPath": {"path": path, "type": "Directory"}}
     # Weights land on the node's disk (instance-store NVMe where the pool has it).
     local_models = _quantity_gib(placement.ephemeral_storage_bytes)
     return {"name": "models", "emptyDir": {"sizeLimit": local_models}}
@@ -319,7 +384,7 @@ def _volumes_and_mounts(
     ]
     if isinstance(source, S3Source):
         volumes.append(_models_volume(md, placement, config))
-        mounts.append({"name": "models", "mountPath": MODELS_DIR})
+        mounts.append({"name": "models", "mountPath": _models_mount_path(md, config)})
     elif isinstance(source, VolumeSource):
         volumes.append(
             {
@@ -330,7 +395,7 @@ def _volumes_and_mounts(
         mounts.append({"name": "model-source", "mountPath": MOUNT_ROOT, "readOnly": True})
         if _copy_to_local(md):
             volumes.append(_models_volume(md, placement, config))
-            mounts.append({"name": "models", "mountPath": MODELS_DIR})
+            mounts.append({"name": "models", "mountPath": _models_mount_path(md, config)})
     elif isinstance(source, LocalSource):
         # file:// is for single-node development clusters (kind, minikube): the node's directory,
         # read-only, at the same path, so the runtime reads it in place.
@@ -421,17 +486,7 @@ def _container(
             "limits": dict(accelerators),
         },
         "volumeMounts": mounts,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "runAsGroup": RUNTIME_UID,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-            # vLLM, PyTorch, Triton and the Neuron runtime write temp files in places the image
-            # does not make configurable (/tmp, ~/.config); caches go to the `cache` volume.
-            "readOnlyRootFilesystem": False,
-        },
+        "securityContext": _container_security_context(),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
     }
     if role != "worker":
@@ -447,6 +502,12 @@ def _pod_spec(
     role: str | None,
 ) -> dict[str, Any]:
     volumes, _ = _volumes_and_mounts(md, placement, config)
+    init_containers: list[dict[str, Any]] = []
+    if _node_cache(md, config):
+        volumes.append(
+            {"name": "node-cache-root", "hostPath": {"path": NODE_CACHE_DIR, "type": "Directory"}}
+        )
+        init_containers.append(_node_cache_init_container(md, placement, config))
     node_selector = {INSTANCE_TYPE_LABEL: placement.instance_type}
     tolerations: list[dict[str, Any]] = [
         {"key": accelerator_taint_key(placement), "operator": "Exists", "effect": "NoSchedule"}
@@ -470,6 +531,7 @@ def _pod_spec(
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "nodeSelector": node_selector,
         "tolerations": tolerations,
+        **({"initContainers": init_containers} if init_containers else {}),
         "containers": [_container(md, placement, config, role)],
         "volumes": volumes,
     }

@@ -128,6 +128,7 @@ def start_seaweed(
     access_key: str = TEST_ACCESS_KEY,
     secret_key: str = TEST_SECRET_KEY,
     ready_timeout_seconds: float = 60.0,
+    s3_config: Path | None = None,
 ) -> SeaweedServer:
     """Start SeaweedFS (`weed mini`) on 127.0.0.1 with free ports and wait until S3 answers.
 
@@ -163,6 +164,9 @@ def start_seaweed(
         "-s3.port.lance=0",
         f"-bucket={bucket}",
         *(f"-{name}={port}" for name, port in ports.items()),
+        # Identities and their allowed actions (tests of per-identity access); it must grant
+        # access_key/secret_key admin rights, which the readiness check below uses.
+        *([f"-s3.config={s3_config}"] if s3_config is not None else []),
     ]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     log_path = data_dir / "weed.log"

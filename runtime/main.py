@@ -34,7 +34,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ..operator.source import parse_source
+import boto3
+
+from ..operator.source import S3Source, parse_source
 from .fetch import DiskSpaceError, FetchReport, fetch_model
 from .launch import (
     KvCacheCapacity,
@@ -63,7 +65,7 @@ from .multinode import (
     wait_for_nodes,
 )
 from .neuron_cache import CacheKey, NeuronCache, NeuronCacheError, cache_key_for
-from .nodecache import NodeCache
+from .nodecache import NodeCache, NodeCacheError, prove_access
 from .verify import VerifyError, verify_model_dir
 
 log = logging.getLogger("modelship.runtime")
@@ -113,6 +115,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=Path,
         help="A directory every pod on the node shares (hostPath on local NVMe): the model is "
         "fetched once per node into a subdirectory named from --source (instead of --model-dir).",
+    )
+    option(
+        "--node-cache-key",
+        help="The model's directory name under --node-cache (render names it from the source, "
+        "namespace and service account; the pod mounts only that directory).",
     )
     option(
         "--served-model-name",
@@ -251,6 +258,11 @@ def _fetch(
     if cache is None:
         return _fetch_into(args, metrics, args.model_dir)
     with cache.fetching(args.source) as model_dir:
+        source = parse_source(args.source, field="--source")
+        if isinstance(source, S3Source):
+            # What another pod cached is used only if this pod may read it itself.
+            client = boto3.session.Session().client("s3", endpoint_url=args.s3_endpoint_url)
+            prove_access(client, source.bucket, source.prefix, model_dir, log=log.info)
         try:
             return _fetch_into(args, metrics, model_dir)
         except DiskSpaceError as error:
@@ -369,7 +381,11 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
         try:
             metrics.set_phase("fetching")
             status.update(phase="fetching")
-            node_cache = NodeCache(args.node_cache, log=log.info) if args.node_cache else None
+            node_cache = (
+                NodeCache(args.node_cache, log=log.info, key=args.node_cache_key)
+                if args.node_cache
+                else None
+            )
             target = node_cache.model_dir(args.source) if node_cache else args.model_dir
             log.info("fetching %s into %s", args.source, target)
             report = _fetch(args, metrics, node_cache)
@@ -435,7 +451,13 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
             log.info("received %s before vLLM started: exiting", signal.Signals(stop.signum).name)
             status.update(phase="stopped")
             return 128 + stop.signum
-        except (VerifyError, LaunchError, NeuronCacheError, MultiNodeError) as error:
+        except (
+            VerifyError,
+            LaunchError,
+            NeuronCacheError,
+            NodeCacheError,
+            MultiNodeError,
+        ) as error:
             if process is not None and process.stop_requested_at is not None:
                 # vLLM ignores SIGTERM while its engine starts: after the grace period, SIGKILL.
                 code = _exit_code(process.wait_after_stop(args.stop_grace_seconds))

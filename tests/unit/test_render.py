@@ -20,6 +20,7 @@ from modelship.operator.render import (
     Rendered,
     RenderError,
     endpoint_url,
+    node_cache_dir_name,
     render,
     render_documents,
 )
@@ -481,9 +482,13 @@ def test_single_node_gpu_deployment(rendered: dict[str, Rendered]) -> None:
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
-    assert volumes["models"]["hostPath"] == {"path": NODE_CACHE_DIR, "type": "Directory"}
+    key = node_cache_dir_name(*SCENARIOS["gpu-s3-karpenter-fixed"][::2])
+    assert volumes["models"]["hostPath"] == {
+        "path": f"{NODE_CACHE_DIR}/{key}",
+        "type": "Directory",
+    }
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/models"] == "models" and mounts["/dev/shm"] == "dshm"
+    assert mounts[f"/models/{key}"] == "models" and mounts["/dev/shm"] == "dshm"
 
 
 def test_runtime_args_for_s3_gpu() -> None:
@@ -495,6 +500,8 @@ def test_runtime_args_for_s3_gpu() -> None:
         "s3://models-prod/meta-llama/Llama-3.1-8B-Instruct/",
         "--node-cache",
         "/models",
+        "--node-cache-key",
+        node_cache_dir_name(ref, CONFIG),
         "--served-model-name",
         "llama-3-8b",
         "--port",
@@ -1008,6 +1015,7 @@ def test_the_runtime_accepts_the_rendered_command_line(
     assert args.source == ref.spec.model.uri
     if isinstance(ref.spec.model.source, S3Source) and node_cache_enabled(config):
         assert (args.model_dir, str(args.node_cache)) == (None, "/models")
+        assert args.node_cache_key == node_cache_dir_name(ref, config)
     else:
         assert (str(args.model_dir), args.node_cache) == (f"/models/{ref.name}", None)
     assert args.port == 8000 and args.metrics_port == 9400
@@ -1112,8 +1120,38 @@ def test_node_cache_is_off_without_a_node_class_modelship_prepares() -> None:
 
 def test_node_cache_on_for_nodes_prepared_another_way() -> None:
     config = OperatorConfig(node_pool_mode="none", node_cache="enabled")
-    result = render(md(), LLAMA_8B_L4, config)
-    assert models_volume(result)["hostPath"] == {"path": NODE_CACHE_DIR, "type": "Directory"}
+    ref = md()
+    result = render(ref, LLAMA_8B_L4, config)
+    assert models_volume(result)["hostPath"] == {
+        "path": f"{NODE_CACHE_DIR}/{node_cache_dir_name(ref, config)}",
+        "type": "Directory",
+    }
+
+
+def test_a_pod_mounts_only_its_own_models_cache_directory() -> None:
+    # Two namespaces serving the same source: separate directories, and neither pod's serving
+    # container can see the cache root (only the operator-image init container mounts it).
+    team_a, team_b = md(namespace="team-a"), md(namespace="team-b")
+    custom = md(namespace="team-c", serving={"image": "registry.example/tenant/vllm:evil"})
+    paths = set()
+    for ref in (team_a, team_b, custom):
+        (pod,) = pod_specs(render(ref, LLAMA_8B_L4, CONFIG))
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        container = runtime(pod)
+        mounted = {mount["name"] for mount in container["volumeMounts"]}
+        host_paths = {
+            volumes[name]["hostPath"]["path"] for name in mounted if "hostPath" in volumes[name]
+        }
+        assert host_paths == {f"{NODE_CACHE_DIR}/{node_cache_dir_name(ref, CONFIG)}"}
+        assert NODE_CACHE_DIR not in host_paths
+        (init,) = pod["initContainers"]
+        assert init["image"] == CONFIG.runtime_image  # never the tenant's image
+        assert init["volumeMounts"] == [{"name": "node-cache-root", "mountPath": "/node-cache"}]
+        assert volumes["node-cache-root"]["hostPath"]["path"] == NODE_CACHE_DIR
+        assert init["securityContext"]["runAsNonRoot"] is True
+        assert init["args"][init["args"].index("--key") + 1] == node_cache_dir_name(ref, CONFIG)
+        paths |= host_paths
+    assert len(paths) == 3
 
 
 def test_volume_sources_served_in_place_never_use_the_node_cache() -> None:
