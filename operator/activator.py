@@ -4,8 +4,10 @@ ModelDeployment while it has no ready replica, and so wakes it up.
 Why it exists. A ModelDeployment may scale to zero replicas (a KEDA ScaledObject with
 idleReplicaCount 0). With no pod left, nothing sees an incoming request, so no metric of the
 model's own can say "someone is waiting": scaling from zero needs a signal on the request side.
-The activator is that signal. It runs inside the operator process (every operator replica;
-it keeps no state beyond the requests it is holding) and clients use it as their OpenAI base URL:
+The activator is that signal. It runs as its own process (`modelship activator`, its own
+Deployment in the chart: its own resources, an HPA if wanted, read-only RBAC), so a flood of
+requests never starves the reconciler; it keeps no state beyond the requests it holds. Clients
+use it as their OpenAI base URL:
 
     http://<activator-host>:8082/models/<namespace>/<name>/v1
 
@@ -22,16 +24,29 @@ gauge (summed over the operator replicas) sees a pending request and scales the 
 its response streamed back chunk by chunk (server-sent events arrive as they are produced). A
 request that waits longer than `hold_seconds` gets 503 with Retry-After. A request for a Service
 that does not exist gets 404 at once: holding it would never end well.
+
+What it refuses, so that it is not an open proxy inside the cluster:
+- a ModelDeployment it does not know: only those that scale to zero (spec.replicas.min 0), which
+  it learns by listing ModelDeployments with read-only RBAC (ModelRegistry), get 404;
+- any path but vLLM's OpenAI API (/v1/..., without the LoRA load/unload admin endpoints) and
+  /health, and any method but GET and POST: 404 / 405, never forwarded;
+- more held requests than `max_held_per_model` for one model (429) or `max_held_total` in all,
+  or more held body bytes than `max_held_bytes` (503), each with Retry-After: a burst while a
+  model wakes never grows the pod's memory without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -55,6 +70,14 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 KEEPALIVE_SECONDS = 4.0
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# vLLM's OpenAI-compatible API and its health check: the only paths forwarded. The LoRA
+# endpoints change what the replica serves for everyone (and read adapters from disk).
+_ALLOWED_TAIL = re.compile(r"^(v1(/[A-Za-z0-9._~:@!$&'()*+,;=%-]+)*|health)$")
+_ADMIN_TAILS = ("v1/load_lora_adapter", "v1/unload_lora_adapter")
+_ALLOWED_METHODS = frozenset({"GET", "POST"})
+DEFAULT_MAX_HELD_PER_MODEL = 256
+DEFAULT_MAX_HELD_TOTAL = 1024
+DEFAULT_MAX_HELD_BYTES = 256 * 1024 * 1024
 # RFC 9110 7.6.1: meant for one connection, never forwarded (plus any named in Connection).
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
@@ -117,6 +140,31 @@ class _Target:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+def _check_route(request: web.Request, target: _Target) -> None:
+    """Only vLLM's OpenAI paths, and only GET and POST, are forwarded."""
+    tail = target.tail
+    # The upstream routes on the decoded path: check that one too, so neither a dot segment nor
+    # an encoded '/' (v1/x%2F..%2F..%2Fsleep) reaches anything but the OpenAI API.
+    decoded = unquote(tail)
+    if (
+        not _ALLOWED_TAIL.match(tail)
+        or any(segment in (".", "..") for segment in decoded.split("/"))
+        or not (decoded == "health" or decoded == "v1" or decoded.startswith("v1/"))
+        or decoded.rstrip("/") in _ADMIN_TAILS
+    ):
+        raise _Refusal(
+            404,
+            f"no route for /{tail} of {target.key}: the activator forwards only vLLM's OpenAI "
+            "API (/v1/...) and /health",
+        )
+    if request.method not in _ALLOWED_METHODS:
+        raise _Refusal(
+            405,
+            f"method {request.method} is not forwarded; the OpenAI API takes GET and POST",
+            headers={"Allow": "GET, POST"},
+        )
 
 
 def _parse_target(request: web.Request) -> _Target:
@@ -182,14 +230,23 @@ class Activator:
         resolve: Callable[[str, str], Upstream] = cluster_upstream,
         retry_interval: float = 1.0,
         max_body_bytes: int = 32 * 1024 * 1024,
+        max_held_per_model: int = DEFAULT_MAX_HELD_PER_MODEL,
+        max_held_total: int = DEFAULT_MAX_HELD_TOTAL,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
     ) -> None:
-        """`resolve(namespace, name)` names the upstream; it may raise LookupError for a
-        ModelDeployment it knows does not exist (answered 404)."""
+        """`resolve(namespace, name)` names the upstream; it raises LookupError for a
+        ModelDeployment the activator must not serve (answered 404): ModelRegistry.resolve."""
         self.hold_seconds = hold_seconds
         self.pending = pending
         self.resolve = resolve
         self.retry_interval = retry_interval
         self.max_body_bytes = max_body_bytes
+        self.max_held_per_model = max_held_per_model
+        self.max_held_total = max_held_total
+        self.max_held_bytes = max_held_bytes
+        self._held_per_model: dict[str, int] = {}
+        self._held_total = 0
+        self._held_bytes = 0
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -234,6 +291,7 @@ class Activator:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             target = _parse_target(request)
+            _check_route(request, target)
             body = await self._read_body(request)
             upstream = await self._open(request, target, body)
         except _Refusal as refusal:
@@ -284,9 +342,50 @@ class Activator:
             try:
                 return await send()
             except _NOT_READY_ERRORS as exc:
-                return await self._hold(request, target, send, exc)
+                with self._holding(target, len(body)):
+                    return await self._hold(request, target, send, exc)
         except aiohttp.ClientError as exc:  # connected, then the upstream failed us
             raise _Refusal(502, f"{target.key} failed to answer: {exc!r}") from None
+
+    @contextlib.contextmanager
+    def _holding(self, target: _Target, body_bytes: int) -> Iterator[None]:
+        """Count a held request against the caps, or refuse it with Retry-After."""
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        held_here = self._held_per_model.get(target.key, 0)
+        if held_here >= self.max_held_per_model:
+            raise _Refusal(
+                429,
+                f"{target.key} is scaling up from zero and already holds {held_here} requests, "
+                "the activator's limit per model; retry later",
+                headers=retry,
+            )
+        if self._held_total >= self.max_held_total:
+            raise _Refusal(
+                503,
+                f"the activator already holds {self._held_total} requests for models scaling up "
+                "from zero, its limit; retry later",
+                headers=retry,
+            )
+        if self._held_bytes + body_bytes > self.max_held_bytes:
+            raise _Refusal(
+                503,
+                f"the activator already holds {self._held_bytes} bytes of request bodies for "
+                "models scaling up from zero, its limit; retry later",
+                headers=retry,
+            )
+        self._held_per_model[target.key] = held_here + 1
+        self._held_total += 1
+        self._held_bytes += body_bytes
+        try:
+            yield
+        finally:
+            self._held_total -= 1
+            self._held_bytes -= body_bytes
+            remaining = self._held_per_model[target.key] - 1
+            if remaining:
+                self._held_per_model[target.key] = remaining
+            else:
+                del self._held_per_model[target.key]
 
     async def _hold(
         self,
@@ -376,3 +475,129 @@ async def _relay(
 
 async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
+
+
+class ModelRegistry:
+    """The ModelDeployments the activator may route to: those that scale to zero. Filled from
+    the Kubernetes API (read-only list of ModelDeployments); anything else is 404."""
+
+    def __init__(
+        self,
+        cluster_domain: str = "cluster.local",
+        upstream: Callable[[str, str, str], Upstream] = cluster_upstream,
+    ) -> None:
+        self.cluster_domain = cluster_domain
+        self.upstream = upstream  # (namespace, name, cluster domain) -> where to send requests
+        self._known: frozenset[tuple[str, str]] = frozenset()
+        self._lock = threading.Lock()
+        self.synced = False
+
+    def update(self, items: Iterable[Mapping[str, Any]]) -> None:
+        """Replace what is known with the ModelDeployments in `items` that scale to zero."""
+        known = set()
+        for item in items:
+            metadata = item.get("metadata") or {}
+            replicas = (item.get("spec") or {}).get("replicas") or {}
+            if replicas.get("min", 1) == 0 and metadata.get("name") and metadata.get("namespace"):
+                known.add((str(metadata["namespace"]), str(metadata["name"])))
+        with self._lock:
+            self._known = frozenset(known)
+            self.synced = True
+
+    def known(self) -> frozenset[tuple[str, str]]:
+        with self._lock:
+            return self._known
+
+    def resolve(self, namespace: str, name: str) -> Upstream:
+        """The Service of a known scale-to-zero ModelDeployment; LookupError otherwise."""
+        if (namespace, name) not in self.known():
+            raise LookupError(f"{namespace}/{name}")
+        return self.upstream(namespace, name, self.cluster_domain)
+
+
+def list_model_deployments(kube: Any, namespaces: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Every ModelDeployment (in `namespaces`, or cluster-wide), read with `kube` (apply.Kube)."""
+    from .api import API_VERSION, PLURAL
+
+    base = f"/apis/{API_VERSION}"
+    paths = [f"{base}/namespaces/{namespace}/{PLURAL}" for namespace in namespaces] or [
+        f"{base}/{PLURAL}"
+    ]
+    items: list[dict[str, Any]] = []
+    for path in paths:
+        items += kube.request("GET", path).get("items", [])
+    return items
+
+
+async def keep_registry_synced(
+    registry: ModelRegistry,
+    read: Callable[[], list[dict[str, Any]]],
+    interval_seconds: float,
+) -> None:
+    """Re-read the ModelDeployments every `interval_seconds`; a failed read keeps the last
+    good list (the activator keeps serving what it knew) and is logged."""
+    while True:
+        try:
+            registry.update(await asyncio.to_thread(read))
+        except Exception as error:  # an API hiccup must not stop the activator
+            log.warning("could not list ModelDeployments (keeping the last list): %s", error)
+        await asyncio.sleep(interval_seconds)
+
+
+async def serve_forever(
+    config: Any, *, metrics_port: int, kube: Any = None, stop: asyncio.Event | None = None
+) -> None:
+    """The `modelship activator` process: list ModelDeployments, serve the activator and its
+    metrics until `stop` is set (or forever)."""
+    from prometheus_client import start_http_server
+
+    from .apply import Kube
+
+    registry = CollectorRegistry()
+    models = ModelRegistry()
+    kube = kube or Kube.from_environment()
+    sync = asyncio.create_task(
+        keep_registry_synced(
+            models,
+            lambda: list_model_deployments(kube, config.namespaces),
+            config.activator_sync_seconds,
+        )
+    )
+    activator = Activator(
+        hold_seconds=config.activator_hold_seconds,
+        pending=pending_gauge(registry),
+        resolve=models.resolve,
+        max_held_per_model=config.activator_max_held_per_model,
+        max_held_total=config.activator_max_held_total,
+        max_held_bytes=config.activator_max_held_bytes,
+        max_body_bytes=min(32 * 1024 * 1024, config.activator_max_held_bytes),
+    )
+    start_http_server(metrics_port, registry=registry)
+    await activator.start("0.0.0.0", config.activator_port)
+    try:
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        sync.cancel()
+        await activator.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`modelship activator`: the scale-from-zero proxy as its own process."""
+    import argparse
+
+    from .config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="modelship activator", description=__doc__.split("\n")[0])
+    parser.add_argument("--metrics-port", type=int, default=8083, help="Prometheus /metrics port.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config()
+    except ConfigError as error:
+        print(f"modelship activator: {error}")
+        return 2
+    if not config.activator_port:
+        print("modelship activator: MODELSHIP_ACTIVATOR_PORT is 0; give the port to listen on")
+        return 2
+    asyncio.run(serve_forever(config, metrics_port=args.metrics_port))
+    return 0

@@ -318,6 +318,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return run_operator(args.rest)
 
 
+def cmd_activator(args: argparse.Namespace) -> int:
+    from .activator import main as activator_main
+
+    return activator_main(args.rest)
+
+
 def cmd_runtime(args: argparse.Namespace) -> int:
     from ..runtime.main import main as runtime_main
 
@@ -396,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, text in [
         ("operator", cmd_operator, "run the operator"),
+        ("activator", cmd_activator, "run the scale-from-zero activator (its own Deployment)"),
         ("runtime", cmd_runtime, "the runtime pod's entry point"),
         ("demo", cmd_demo, "run the whole path on this machine"),
     ]:
@@ -405,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = {"operator": cmd_operator, "runtime": cmd_runtime, "demo": cmd_demo}
+PASSTHROUGH = {
+    "operator": cmd_operator,
+    "activator": cmd_activator,
+    "runtime": cmd_runtime,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

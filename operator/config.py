@@ -96,6 +96,21 @@ class OperatorConfig(BaseModel):
         "allowed to create a ModelDeployment could read any host directory. Turn on only for "
         "local development and the demo (the CLI always accepts file://).",
     )
+    activator_max_held_per_model: int = Field(
+        256, ge=1, description="Most requests the activator holds for one waking model (then 429)."
+    )
+    activator_max_held_total: int = Field(
+        1024, ge=1, description="Most requests the activator holds in all (then 503)."
+    )
+    activator_max_held_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Most request-body bytes the activator holds in all (then 503); size the "
+        "activator's memory limit above it.",
+    )
+    activator_sync_seconds: float = Field(
+        5, gt=0, description="How often the activator re-lists the ModelDeployments it serves."
+    )
     neuron_cache_uri: str | None = Field(
         None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
     )

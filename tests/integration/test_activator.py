@@ -17,7 +17,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from modelship.operator.activator import Activator, Upstream, pending_gauge
+from modelship.operator.activator import (
+    Activator,
+    ModelRegistry,
+    Upstream,
+    pending_gauge,
+)
 from modelship.runtime.demo import free_port
 from prometheus_client import CollectorRegistry
 from yarl import URL
@@ -419,3 +424,130 @@ async def test_body_over_the_limit_is_413() -> None:
         async with proxy.client.post(url, data=b"x" * 1024) as response:
             assert response.status == 201  # at the limit is fine
     assert len(model.seen) == 1
+
+
+# --- not an open proxy: known models, OpenAI paths, bounded holding ------------------------------
+
+
+def md_object(namespace: str, name: str, replicas_min: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "modelship.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"namespace": namespace, "name": name},
+        "spec": {"model": {"uri": "s3://models/m/"}, "replicas": {"min": replicas_min}},
+    }
+
+
+def local_registry(port: int, items: list[dict[str, Any]]) -> ModelRegistry:
+    """A registry whose Services are the fake model on 127.0.0.1:port."""
+    registry = ModelRegistry(upstream=lambda namespace, name, domain: Upstream("127.0.0.1", port))
+    registry.update(items)
+    return registry
+
+
+async def test_only_known_scale_to_zero_models_are_routed() -> None:
+    model, port = FakeModel(), free_port()
+    registry = local_registry(
+        port, [md_object(NS, NAME, 0), md_object(NS, "always-on", 1), md_object("other", "x", 0)]
+    )
+    assert registry.known() == {(NS, NAME), ("other", "x")}
+    async with serving(model.app(), port), activator(port, resolve=registry.resolve) as proxy:
+        async with proxy.client.post(
+            proxy.url(f"/models/{NS}/{NAME}/v1/completions"), json={}
+        ) as response:
+            assert response.status == 201
+        # Not scaling to zero, or not a ModelDeployment at all (any Service in the cluster).
+        for path in (f"/models/{NS}/always-on/v1/completions", "/models/kube-system/kube-dns/v1/x"):
+            async with proxy.client.post(proxy.url(path), json={}) as response:
+                assert response.status == 404, path
+    assert [seen.path for seen in model.seen] == ["/v1/completions"]
+
+
+async def test_only_the_openai_api_is_forwarded() -> None:
+    model, port = FakeModel(), free_port()
+    registry = local_registry(port, [md_object(NS, NAME, 0)])
+    async with serving(model.app(), port), activator(port, resolve=registry.resolve) as proxy:
+        base = f"/models/{NS}/{NAME}"
+        for tail in (
+            "/metrics",
+            "/sleep",
+            "/reset_prefix_cache",
+            "/collective_rpc",
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/v1/x/../../sleep",
+            "/v1/x%2F..%2F..%2Fsleep",
+            "/v1%2F..%2Fsleep",
+            "/v2/anything",
+        ):
+            url = URL(proxy.url(base + tail), encoded=True)
+            async with proxy.client.post(url, json={}) as response:
+                assert response.status == 404, tail
+                assert "OpenAI API" in (await error_of(response))["message"]
+        async with proxy.client.delete(proxy.url(base + "/v1/completions")) as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == "GET, POST"
+    assert model.seen == []  # nothing of the above reached the model
+
+
+async def _held(proxy: Proxy, path: str, body: bytes = b"{}") -> asyncio.Task[Any]:
+    return asyncio.create_task(proxy.client.post(proxy.url(path), data=body))
+
+
+async def test_held_requests_are_capped_per_model_in_total_and_in_bytes() -> None:
+    port = free_port()  # nothing listens: every request is held
+    registry = CollectorRegistry()
+    models = local_registry(port, [md_object(NS, NAME, 0), md_object(NS, "b", 0)])
+    proxy_server = Activator(
+        hold_seconds=30,
+        pending=pending_gauge(registry),
+        resolve=models.resolve,
+        retry_interval=0.05,
+        max_held_per_model=2,
+        max_held_total=3,
+        max_held_bytes=10_000,
+    )
+    listen = free_port()
+    await proxy_server.start("127.0.0.1", listen)
+    try:
+        async with aiohttp.ClientSession() as client:
+            proxy = Proxy(f"http://127.0.0.1:{listen}", registry, client)
+            first = [await _held(proxy, f"/models/{NS}/{NAME}/v1/completions") for _ in range(2)]
+            await until(lambda: proxy.pending() == 2)
+            # A third for the same model: over the per-model cap.
+            async with client.post(
+                proxy.url(f"/models/{NS}/{NAME}/v1/completions"), data=b"{}"
+            ) as r:
+                assert r.status == 429
+                assert r.headers["Retry-After"]
+            # Another model may still wait, up to the total cap of 3 ...
+            other = await _held(proxy, f"/models/{NS}/b/v1/completions", b"x" * 9_000)
+            await until(
+                lambda: (
+                    registry.get_sample_value(GAUGE, {"namespace": NS, "model_deployment": "b"})
+                    == 1
+                )
+            )
+            async with client.post(proxy.url(f"/models/{NS}/b/v1/completions"), data=b"{}") as r:
+                assert r.status == 503
+                assert "requests" in (await error_of(r))["message"]
+                assert r.headers["Retry-After"]
+            for task in [*first, other]:
+                task.cancel()
+            await until(lambda: proxy.pending() == 0)
+            # ... and in bytes: 9,000 held, 2,000 more would pass 10,000.
+            other = await _held(proxy, f"/models/{NS}/b/v1/completions", b"x" * 9_000)
+            await until(
+                lambda: (
+                    registry.get_sample_value(GAUGE, {"namespace": NS, "model_deployment": "b"})
+                    == 1
+                )
+            )
+            async with client.post(
+                proxy.url(f"/models/{NS}/{NAME}/v1/completions"), data=b"y" * 2_000
+            ) as r:
+                assert r.status == 503
+                assert "bytes" in (await error_of(r))["message"]
+            other.cancel()
+    finally:
+        await proxy_server.stop()
