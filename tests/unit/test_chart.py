@@ -116,11 +116,25 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
         assert binding["roleRef"]["name"] not in ("cluster-admin", "admin", "edit"), binding
 
 
+def operator_deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's Deployment (the activator has its own)."""
+    (deployment,) = [
+        o for o in of_kind(objs, "Deployment") if not o["metadata"]["name"].endswith("-activator")
+    ]
+    return deployment
+
+
 def granted_in(
     objs: list[dict[str, Any]], namespace: str | None
 ) -> dict[tuple[str, str], set[str]]:
-    """What the operator may do in `namespace` (None: cluster-scoped)."""
-    rules = [r for role in of_kind(objs, "ClusterRole") for r in role["rules"]]
+    """What the operator may do in `namespace` (None: cluster-scoped); the activator's own
+    read-only role is not the operator's."""
+    rules = [
+        r
+        for role in of_kind(objs, "ClusterRole")
+        if not role["metadata"]["name"].endswith("-activator")
+        for r in role["rules"]
+    ]
     if namespace is not None:
         rules += [
             r
@@ -188,31 +202,77 @@ def test_config_map_sets_exactly_the_operators_variables() -> None:
     config = load_config(data)
     assert config.node_pool_mode == "karpenter" and config.autoscaler == "keda"
     assert config.catalog_path == "/etc/modelship/catalog.yaml"
-    deployment = of_kind(objs, "Deployment")[0]
+    deployment = operator_deployment(objs)
     mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(m["mountPath"] == "/etc/modelship" for m in mounts), "catalog not mounted"
 
 
-def test_activator_url_reaches_the_operator_pods() -> None:
+def test_activator_url_reaches_the_activator_pods() -> None:
     """The URL the operator writes into status.endpoint (scale to zero) is the chart's Service,
-    whose port leads to the port the activator listens on."""
+    whose port leads to the port the activator's own Deployment listens on; the operator itself
+    serves no activator."""
     objs = objects({"operator": {"activatorPort": 9090}})
     data = next(o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-config"))[
         "data"
     ]
     config = load_config(data)
+    assert config.activator_port == 0  # the operator's copy: no in-process activator
     service = next(
         o for o in of_kind(objs, "Service") if o["metadata"]["name"].endswith("-activator")
     )
     name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
-    (port,) = service["spec"]["ports"]
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "http")
     assert config.activator_url == f"http://{name}.{namespace}.svc.cluster.local:{port['port']}"
-    deployment = of_kind(objs, "Deployment")[0]
+    deployment = next(
+        o for o in of_kind(objs, "Deployment") if o["metadata"]["name"].endswith("-activator")
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "activator"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports[port["targetPort"]] == config.activator_port == 9090
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert ports[port["targetPort"]] == int(env["MODELSHIP_ACTIVATOR_PORT"]) == 9090
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+    operator = operator_deployment(objs)
+    assert (
+        not service["spec"]["selector"].items()
+        <= operator["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_the_activator_may_only_read_model_deployments() -> None:
+    objs = objects({})
+    (role,) = [
+        o for o in of_kind(objs, "ClusterRole") if o["metadata"]["name"].endswith("-activator")
+    ]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["modelship.dev"],
+            "resources": ["modeldeployments"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    deployment = next(
+        o for o in of_kind(objs, "Deployment") if o["metadata"]["name"].endswith("-activator")
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"].endswith("-activator")
+    assert pod["containers"][0]["resources"]["limits"]["memory"] == "512Mi"
+    scoped = objects({"watchNamespaces": ["team-a"]})
+    assert not [
+        o
+        for o in of_kind(scoped, "ClusterRoleBinding")
+        if o["metadata"]["name"].endswith("-activator")
+    ]
+    (binding,) = [
+        o for o in of_kind(scoped, "RoleBinding") if o["metadata"]["name"].endswith("-activator")
+    ]
+    assert binding["metadata"]["namespace"] == "team-a"
+    hpa = objects({"activator": {"autoscaling": {"enabled": True}}})
+    assert [
+        o["spec"]["scaleTargetRef"]["name"] for o in of_kind(hpa, "HorizontalPodAutoscaler")
+    ] == [deployment["metadata"]["name"]]
+
     # The default install matches the operator's built-in default (used by `modelship render`).
     default = load_config(
         next(
@@ -225,7 +285,7 @@ def test_activator_url_reaches_the_operator_pods() -> None:
 
 
 def test_operator_deployment_is_restricted_and_probed() -> None:
-    deployment = of_kind(objects({}), "Deployment")[0]
+    deployment = operator_deployment(objects({}))
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert deployment["spec"]["replicas"] == 2 and "--standalone" not in container["args"]
@@ -237,7 +297,7 @@ def test_operator_deployment_is_restricted_and_probed() -> None:
     assert container["args"][container["args"].index("--liveness") + 1].endswith(
         f":{ports['health']}/healthz"
     )
-    single = of_kind(objects({"operator": {"replicas": 1}}), "Deployment")[0]
+    single = operator_deployment(objects({"operator": {"replicas": 1}}))
     assert "--standalone" in single["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
