@@ -173,11 +173,26 @@ class ModelSpec(_Model):
         None, description="Architecture facts that override the model's config.json."
     )
 
-    @field_validator("parameters")
+    @field_validator("parameters", mode="before")
     @classmethod
-    def _valid_parameters(cls, value: int | str | None) -> int | str | None:
+    def _valid_parameters(cls, value: Any) -> Any:
+        # Before pydantic's coercion, which would read `true` as the integer 1.
+        if value is not None and not isinstance(value, int | str):
+            raise ValueError(f"{value!r} is not a parameter count; write e.g. 8B or 7000000000.")
         if value is not None:
             parse_parameter_count(value)
+        return value
+
+    @field_validator("copy_to_local_disk")
+    @classmethod
+    def _copy_only_volumes(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        # The CEL rule of the same name (SPEC_CEL_RULES), for offline use.
+        uri = str(info.data.get("uri", ""))
+        if value is not None and not uri.startswith(("fsx://", "efs://")):
+            raise ValueError(
+                "applies only to fsx:// and efs:// sources (S3 models are always fetched to the "
+                "node's disk); remove it."
+            )
         return value
 
     @field_validator("uri")

@@ -86,6 +86,8 @@ def spec_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         except yaml.YAMLError as error:
             raise CliError(f"-f {args.file}: not valid YAML ({error}).") from None
         models = [d for d in documents if isinstance(d, dict) and d.get("kind") == api.KIND]
+        if not models and len(documents) == 1:
+            api.load_manifest(documents[0])  # one document of another kind: name the field
         if len(models) != 1:
             raise CliError(f"-f {args.file}: expected one {api.KIND}, found {len(models)}.")
         document = models[0]

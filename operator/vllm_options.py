@@ -255,6 +255,28 @@ def pod_options(args: Sequence[str]) -> list[ParsedOption]:
     return [option for option in parse_engine_args(args) if option.dest in POD_DESTS]
 
 
+def pod_flag_spellings(args: Sequence[str]) -> list[str]:
+    """Without a full parse: every argument that names, or abbreviates, one of the pod's own
+    options (after vLLM's underscore rewrite), e.g. --served_model_name or --mod."""
+    pod_flags = [
+        flag
+        for flags, dest, _ in load_table().options
+        if dest in POD_DESTS
+        for flag in flags
+        if flag.startswith("--")
+    ]
+    found = []
+    for arg in _flexible_rewrite(args):
+        name = arg.split("=", 1)[0]
+        if (
+            name.startswith("--")
+            and len(name) > 2
+            and any(flag.startswith(name) for flag in pod_flags)
+        ):
+            found.append(name)
+    return found
+
+
 def values(args: Sequence[str]) -> dict[str, Any]:
     """Destination -> value for every option `args` sets (the last one wins, as in vLLM)."""
     return {option.dest: option.value for option in parse_engine_args(args)}

@@ -32,7 +32,12 @@ from typing import IO, Literal
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from ..operator.vllm_options import NO_TELEMETRY_ENV, EngineArgsError, pod_options
+from ..operator.vllm_options import (
+    NO_TELEMETRY_ENV,
+    EngineArgsError,
+    pod_flag_spellings,
+    pod_options,
+)
 
 Device = Literal["cuda", "neuron", "cpu"]
 
@@ -79,15 +84,14 @@ def build_command(spec: LaunchSpec, python: str = sys.executable) -> list[str]:
     bare value read as the model): the engine arguments never choose what is served or where.
     """
     try:
-        claimed = pod_options(spec.engine_args)
-    except EngineArgsError as error:
-        raise LaunchError(
-            f"engine args: vLLM would not accept {list(spec.engine_args)!r}: {error}; fix the "
-            "arguments after '--'."
-        ) from None
+        claimed = [option.spelling for option in pod_options(spec.engine_args)]
+    except EngineArgsError:
+        # Options this image's vLLM may know and modelship's table does not: vLLM judges those
+        # itself; the pod's flags are still refused in any spelling or abbreviation.
+        claimed = pod_flag_spellings(spec.engine_args)
     if claimed:
         raise LaunchError(
-            f"engine args: {claimed[0].spelling} is set by the runtime (--model-dir, "
+            f"engine args: {claimed[0]} is set by the runtime (--model-dir, "
             "--served-model-name, --port); remove it from the engine arguments after '--'."
         )
     return [

@@ -133,9 +133,28 @@ def engine_options(engine_args: Sequence[str]) -> dict[str, Any]:
     without the pod's own flags, which do not change what is compiled."""
     try:
         parsed = vllm_values(engine_args)
-    except EngineArgsError as error:
-        raise NeuronCacheError(f"engine args: vLLM would not accept them: {error}") from None
+    except EngineArgsError:
+        # Options this image's vLLM knows and modelship's table does not: key on the arguments
+        # as written (never fewer inputs than the graph depends on).
+        return {"argv": list(engine_args), **_known_shapes(engine_args)}
     return {dest: value for dest, value in parsed.items() if dest not in POD_DESTS}
+
+
+def _known_shapes(engine_args: Sequence[str]) -> dict[str, Any]:
+    """The plan's own flags, read from `name value` pairs as the plan writes them."""
+    names = {
+        "--tensor-parallel-size": "tensor_parallel_size",
+        "--max-model-len": "max_model_len",
+        "--max-num-seqs": "max_num_seqs",
+        "--dtype": "dtype",
+        "--kv-cache-dtype": "kv_cache_dtype",
+        "--quantization": "quantization",
+    }
+    found: dict[str, Any] = {}
+    for index, arg in enumerate(engine_args[:-1]):
+        if arg in names:
+            found[names[arg]] = engine_args[index + 1]
+    return found
 
 
 def shapes_from_engine_args(engine_args: Sequence[str]) -> tuple[int, int, int]:

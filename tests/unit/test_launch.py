@@ -376,3 +376,13 @@ def test_stop_during_startup_is_enforced_after_the_grace() -> None:
     started = time.monotonic()
     assert process.wait_after_stop(grace_seconds=0.5) == -signal.SIGKILL
     assert time.monotonic() - started < 5
+
+
+def test_options_unknown_to_modelship_are_left_to_vllm_but_pod_flags_are_not() -> None:
+    # An image's vLLM may know options modelship's table does not: vLLM judges those itself.
+    unknown = LaunchSpec(Path("/m"), "m", engine_args=["--some-newer-option", "1"])
+    assert build_command(unknown)[3:5] == ["--some-newer-option", "1"]
+    for flag in ("--served_model_name", "--mod", "--port=1"):
+        spec = LaunchSpec(Path("/m"), "m", engine_args=["--some-newer-option", "1", flag, "x"])
+        with pytest.raises(LaunchError, match="set by the runtime"):
+            build_command(spec)

@@ -210,3 +210,12 @@ def test_s3_store_and_restore(s3_server: Any, tmp_path: Path) -> None:
     assert cache.restore(BASE, target) is True
     _assert_same_tree(source, target)
     assert cache.location(BASE) == f"s3://neuron-cache/compiled/{BASE.digest}.tar.gz"
+
+
+def test_options_unknown_to_modelship_still_key_the_cache(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "m")
+    env = {"NEURON_SDK_VERSION": "2.29.0"}
+    newer = [*PLAN_ARGS, "--some-neuron-option", "1"]
+    key = cache_key_for(model, newer, env=env)
+    assert (key.tensor_parallel_size, key.max_model_len, key.max_num_seqs) == (2, 4096, 8)
+    assert key != cache_key_for(model, [*PLAN_ARGS, "--some-neuron-option", "2"], env=env)
