@@ -113,7 +113,29 @@ QuantizationName = Literal["none", "fp8", "int8", "int8-gptq", "int4-awq", "int4
 
 
 class ModelInfoError(ValueError):
-    """The model cannot be inspected; the message names the file or field and the fix."""
+    """The model cannot be inspected; the message names the file or field and the fix.
+
+    `transient`: the store failed (throttling, a 5xx, a timeout, no connection, STS), so the same
+    request may succeed later; otherwise the answer is final until something changes."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# S3 error codes that say "not now" rather than "no" (AWS S3 error responses).
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestLimitExceeded",
+        "InternalError",
+        "ServiceUnavailable",
+        "ExpiredToken",
+    }
+)
 
 
 # --- safetensors headers --------------------------------------------------------------------
@@ -678,13 +700,46 @@ class S3Package:
         self._sizes: dict[str, int] = {}
 
     def _fail(self, action: str, error: Exception) -> ModelInfoError:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            CredentialRetrievalError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
 
         code = (
             error.response.get("Error", {}).get("Code", "")
             if isinstance(error, ClientError)
             else ""
         )
+        status = (
+            int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if isinstance(error, ClientError)
+            else 0
+        )
+        unreachable = (
+            EndpointConnectionError,
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            ConnectionClosedError,
+            CredentialRetrievalError,
+        )
+        if isinstance(error, unreachable) or code in _TRANSIENT_S3_CODES or status >= 500:
+            return ModelInfoError(
+                f"cannot {action} for now ({code or type(error).__name__}: {error}); "
+                "retrying with backoff.",
+                transient=True,
+            )
+        if isinstance(error, NoCredentialsError):
+            return ModelInfoError(
+                f"cannot {action}: the operator has no AWS credentials. Give its ServiceAccount "
+                "an IAM role that may s3:ListBucket and s3:GetObject on the model bucket (Helm: "
+                "serviceAccount.annotations eks.amazonaws.com/role-arn, or an EKS Pod Identity "
+                "association; docs/storage.md)."
+            )
         fix = {
             "NoSuchBucket": f"bucket {self.source.bucket!r} does not exist; check spec.model.uri.",
             "AccessDenied": (
@@ -820,7 +875,7 @@ def inspect_package(
             config, weights=weights, overrides=overrides, parameters=parameters, files=list(files)
         )
     except ModelInfoError as error:
-        raise ModelInfoError(f"{package.uri}: {error}") from None
+        raise ModelInfoError(f"{package.uri}: {error}", transient=error.transient) from None
     except OSError as error:  # local and mounted files: permissions, vanished files
         raise ModelInfoError(
             f"{package.uri}: cannot read {error.filename or 'the package'} ({error.strerror}); "
