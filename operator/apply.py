@@ -138,11 +138,12 @@ def describe(obj: Mapping[str, Any]) -> str:
 class Kube:
     """A thin REST layer over `kubernetes.client.ApiClient`: JSON in, JSON out, errors raised."""
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: Any, timeout_seconds: float = 30) -> None:
         self.api_client = api_client
+        self.timeout_seconds = timeout_seconds
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, timeout_seconds: float = 30) -> Kube:
         """Credentials from the pod's service account, else from $KUBECONFIG / ~/.kube/config."""
         import kubernetes
 
@@ -158,7 +159,7 @@ class Kube:
             )
         # As many connections as handler threads: a smaller pool makes them queue for sockets.
         configuration.connection_pool_maxsize = CONNECTIONS
-        return cls(kubernetes.client.ApiClient(configuration))
+        return cls(kubernetes.client.ApiClient(configuration), timeout_seconds)
 
     def request(
         self,
@@ -183,7 +184,7 @@ class Kube:
         )
         what = f"{method} {path}"
         try:
-            response = self.api_client.call_api(*params, _request_timeout=30)
+            response = self.api_client.call_api(*params, _request_timeout=self.timeout_seconds)
             data = response.read()
         except urllib3.exceptions.HTTPError as error:
             raise KubeApiError(0, "Unreachable", str(error), what) from error
@@ -514,20 +515,15 @@ def prune_children(
     return pruned
 
 
-def sync_pool(
-    kube: Kube, pool_name: str, shares: Sequence[Sequence[Mapping[str, Any]]]
-) -> list[str]:
-    """Make one shared pool exactly the combination of its users' renders (`shares`: each user's
-    pool objects); delete it when it has no users. Returns what was applied or deleted.
+def sync_pool(kube: Kube, pool_name: str, objects: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Make one shared pool exactly `objects` (every user's share combined, by the caller, from
+    an index of the ModelDeployments that want it); delete it when `objects` is empty.
 
-    The pool is an aggregate computed from every ModelDeployment that wants its hardware (the
-    caller reads them from an index), never edited per user, so it needs no bookkeeping on the
-    object and a deleted pool is simply applied again."""
-    from .nodepool import merge_node_pool_objects
-
+    The pool is an aggregate, never edited per user, so it needs no bookkeeping on the object
+    and a deleted pool is simply applied again. Returns what was applied or deleted."""
     done = []
     with _POOL_LOCK:
-        if not shares:
+        if not objects:
             for kind in POOL_KINDS:  # NodePool first: it refers to the EC2NodeClass
                 live = kube.get(kind, None, pool_name)
                 labels = ((live or {}).get("metadata") or {}).get("labels") or {}
@@ -535,7 +531,7 @@ def sync_pool(
                     kube.delete(kind, None, pool_name)
                     done.append(f"deleted {kind.kind} {pool_name}")
             return done
-        for obj in merge_node_pool_objects([[dict(o) for o in share] for share in shares]):
+        for obj in objects:
             kube.apply(obj)
             done.append(f"applied {describe(obj)}")
     return done
@@ -549,6 +545,8 @@ class Observation:
     pods: list[dict[str, Any]]
     node_claims: list[dict[str, Any]]
     node_group_status: str | None = None
+    # Why a ReplicaSet of the workload cannot create pods (its ReplicaFailure message), if so.
+    replica_failure: str | None = None
 
 
 def observe(

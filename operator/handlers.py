@@ -63,7 +63,7 @@ from .config import ConfigError, OperatorConfig, check_operator_config, load_con
 from .leader import LeaderElector, LeaseSettings
 from .modelinfo import ModelInfoError, inspect_model
 from .nodegroups import NodeGroups
-from .nodepool import karpenter_objects, pool_name
+from .nodepool import karpenter_objects, merge_node_pool_objects, pool_name
 from .opmetrics import METRICS
 from .plan import Placement
 from .render import (
@@ -122,9 +122,11 @@ class State:
     # What the change handlers last acted on: (generation, last good plan). Refreshes between
     # them use this rather than the watched object, whose annotation and status may lag.
     acted: dict[Key, tuple[int, LastGood | None]] = field(default_factory=dict)
-    status: dict[Key, dict[str, Any]] = field(default_factory=dict)  # last written
     workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
+    replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
+    shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -137,7 +139,7 @@ class State:
     def forget(self, key: Key) -> None:
         self.failures.pop(key, None)
         self.acted.pop(key, None)
-        self.status.pop(key, None)
+        self.replica_failures.pop(key, None)
         self.workloads.pop(key, None)
         with self._guard:
             self._locks.pop(key, None)
@@ -270,7 +272,7 @@ def pool_users(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> d
         return {}  # a ModelDeployment being deleted wants no pool: it is not restored for it
     high = replica_bounds(md_ref(body, last.spec, last.generation))[1]
     return {
-        pool: {"user": f"{namespace}/{name}", "placement": p.to_json_dict(), "maxReplicas": high}
+        pool: {"user": f"{namespace}/{name}", "placement": placement_key(p), "maxReplicas": high}
         for pool, p in pools_of(last)
     }
 
@@ -296,6 +298,24 @@ def _index_list(index: Any, key: Any) -> list[dict[str, Any]]:
 # ---- pools ------------------------------------------------------------------------------------
 
 
+def placement_key(placement: Placement) -> str:
+    """A placement as a canonical string: equal placements share one rendered pool share."""
+    return json.dumps(placement.to_json_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _share(context: Context, state: State, key: str, max_replicas: int) -> list[dict[str, Any]]:
+    """One user's pool objects, rendered once per distinct (placement, max replicas): a pool
+    with a thousand users of the same hardware costs one render, not a thousand."""
+    cached = state.shares.get((key, max_replicas))
+    if cached is None:
+        if len(state.shares) > 4096:
+            state.shares.clear()
+        placement = Placement.model_validate_json(key)
+        cached = karpenter_objects(placement, context.config, max_replicas)
+        state.shares[(key, max_replicas)] = cached
+    return cached
+
+
 def sync_pools(
     context: Context,
     state: State,
@@ -306,26 +326,24 @@ def sync_pools(
     force: bool = False,
 ) -> None:
     """Apply each pool as the combination of everyone who wants it, with `user`'s own share
-    replaced by `mine` (the index may not have seen this user's latest plan yet)."""
+    replaced by `mine` (the index may not have seen this user's latest plan yet). A pool whose
+    combination did not change since this process applied it costs no request."""
     if context.config.node_pool_mode != "karpenter":
         return
     for pool in pools:
         shares = [
-            karpenter_objects(
-                Placement.model_validate(item["placement"]),
-                context.config,
-                int(item["maxReplicas"]),
-            )
-            for item in _index_list(index, pool)
+            _share(context, state, str(item["placement"]), int(item["maxReplicas"]))
+            for item in (index.get(pool, []) if index is not None else [])
             if item["user"] != user
         ]
         if mine and pool in mine:
             placement, high = mine[pool]
-            shares.append(karpenter_objects(placement, context.config, high))
-        fingerprint = json.dumps(shares, sort_keys=True)
+            shares.append(_share(context, state, placement_key(placement), high))
+        merged = merge_node_pool_objects(shares)
+        fingerprint = json.dumps(merged, sort_keys=True)
         if not force and state.applied_pools.get(pool) == fingerprint:
-            continue  # nothing changed since the last apply: no request
-        sync_pool(context.kube, pool, shares)
+            continue
+        sync_pool(context.kube, pool, merged)
         state.applied_pools[pool] = fingerprint
 
 
@@ -373,6 +391,7 @@ def compute_status(
         pods=_index_list(pods_index, key),
         node_claims=_index_list(claims_index, rendered.pool_name) if rendered else [],
         node_group_status=node_group_status,
+        replica_failure=next(iter(state.replica_failures.get(key, {}).values()), None),
     )
     md = md_ref(body, last.spec, last.generation) if last else None
     return build_status(
@@ -460,7 +479,8 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
                 my_pools(drained),
             )
             last = drained
-        previous = state.status.get(key) or body.get("status")
+        # Compared with what the watch last saw stored: a write that raced another is redone.
+        previous = body.get("status")
         update = compute_status(
             context,
             state,
@@ -474,7 +494,6 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
         )
         if _status_changed(previous, update.status):
             context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
-            state.status[key] = update.status
             post_events(body, update)
     except KubeApiError as error:
         logger.warning("could not refresh %s/%s: %s", key[0], key[1], error)
@@ -642,7 +661,7 @@ def reconcile(
             annotations = dict(body["metadata"].get("annotations") or {})
             annotations[LAST_GOOD] = last.annotation()
             view["metadata"]["annotations"] = annotations
-        previous = state.status.get(key) or body.get("status")
+        previous = body.get("status")
         update = compute_status(
             context,
             state,
@@ -654,9 +673,13 @@ def reconcile(
             indexes["node_claims"],
             previous,
         )
-        patch.status.update(update.status)
+        # Written now, under the lock, not by kopf after the handler returns: a refresh that runs
+        # in between would otherwise be overwritten by this older view.
+        try:
+            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
+        except KubeApiError as error:
+            logger.warning("could not write the status of %s/%s: %s", key[0], key[1], error)
         state.acted[key] = (generation, last)
-        state.status[key] = update.status
         post_events(body, update)
         if failure is None:
             outcome[0] = "success"
@@ -755,6 +778,36 @@ def model_deployment_changed(
     wrote before the watches caught up): recompute status; nothing is written if it holds."""
     if event.get("type") is not None:
         refresh(memo.context, memo.state, (namespace or "", name), _indexes(kwargs))
+
+
+@kopf.on.event("replicasets.apps", labels={MD_LABEL: kopf.PRESENT})
+def replica_set_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """A workload's ReplicaSet reports whether it can create pods (a missing ServiceAccount, a
+    PodSecurity or quota rejection: its ReplicaFailure condition says which, at once)."""
+    state: State = memo.state
+    key = (namespace or "", labels[MD_LABEL])
+    failures = state.replica_failures.setdefault(key, {})
+    condition = next(
+        (
+            c
+            for c in (body.get("status") or {}).get("conditions") or []
+            if c.get("type") == "ReplicaFailure"
+        ),
+        None,
+    )
+    if event.get("type") != "DELETED" and condition and condition.get("status") == "True":
+        failures[name] = str(condition.get("message") or condition.get("reason"))
+    else:
+        failures.pop(name, None)
+    refresh(memo.context, state, key, _indexes(kwargs))
 
 
 @kopf.on.event("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
@@ -870,7 +923,9 @@ async def run_elected(config: OperatorConfig, health_address: str | None, health
         renew_deadline_seconds=config.lease_seconds * 2 / 3,
         retry_seconds=max(0.5, config.lease_seconds / 7.5),
     )
-    elector = LeaderElector(Kube.from_environment(), lease)
+    # Lease calls give up quickly: a leader must notice within its renew deadline that it can
+    # no longer renew, even when the API server hangs rather than refuses.
+    elector = LeaderElector(Kube.from_environment(timeout_seconds=lease.retry_seconds), lease)
     health = _Health()
     if health_port:
         await health.start(health_address or "0.0.0.0", health_port)

@@ -96,7 +96,13 @@ def operator(
     yield process
     code = process.stop()
     text = log.read_text(errors="replace")
-    assert "403" not in text and "forbidden" not in text.lower(), text[-4000:]
+    # The chart's RBAC covers every call: the API server's denial says "cannot <verb> resource".
+    denied = [
+        line
+        for line in text.splitlines()
+        if "cannot" in line and "resource" in line and "system:serviceaccount" in line
+    ]
+    assert not denied, "\n".join(denied[:5])
     assert code in (0, -signal.SIGKILL), text[-4000:]  # the takeover test kills it
 
 
@@ -163,7 +169,7 @@ def md_where(
 ) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         md = kube.get(MD, ns, name)
-        return md if md and check(md) else None
+        return md if md and md.get("status") and check(md) else None
 
     try:
         return wait_for(f"{ns}/{name}", probe, timeout_seconds=timeout)
@@ -521,6 +527,93 @@ def test_hardware_change_keeps_the_old_pool_until_the_new_pods_are_ready(
         lambda: kube.get(NODE_POOL, None, old_pool) is None,
         timeout_seconds=30,
     )
+
+
+def test_prune_deletes_only_what_the_model_deployment_owns(
+    operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
+) -> None:
+    ns = namespace(installed, "team-k")
+    create_md(kube, ns, "owned", tiny(tiny_model))
+    wait_for("the Service", lambda: kube.get(SERVICE, ns, "owned"))
+    # Someone else's Service that happens to carry the label: not the operator's to delete.
+    stranger = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "owned-debug", "labels": {"modelship.dev/model-deployment": "owned"}},
+        "spec": {"ports": [{"port": 9999}]},
+    }
+    kube.request("POST", SERVICE.path(ns), body=stranger)
+    kube.merge_patch(MD, ns, "owned", {"spec": {"serving": {"maxModelLen": 512}}})
+    md_where(kube, ns, "owned", lambda md: md["status"].get("observedGeneration") == 2)
+    assert kube.get(SERVICE, ns, "owned-debug") is not None
+    kube.delete(MD, ns, "owned")
+    wait_for("owned gone", lambda: kube.get(MD, ns, "owned") is None)
+    assert kube.get(SERVICE, ns, "owned") is None
+    assert kube.get(SERVICE, ns, "owned-debug") is not None
+
+
+def test_apply_failures_reach_status(
+    operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
+) -> None:
+    ns = namespace(installed, "team-quota")
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-services"},
+        "spec": {"hard": {"services": "0"}},
+    }
+    kube.request("POST", f"/api/v1/namespaces/{ns}/resourcequotas", body=quota)
+    wait_for(
+        "the quota counted",
+        lambda: (
+            (q := kube.request("GET", f"/api/v1/namespaces/{ns}/resourcequotas/no-services"))
+            .get("status", {})
+            .get("hard")
+        ),
+    )
+    create_md(kube, ns, "quota", tiny(tiny_model))
+    md = md_where(
+        kube, ns, "quota", lambda md: condition(md, "Degraded").get("reason") == "ApplyFailed"
+    )
+    assert "exceeded quota" in md["status"]["message"]
+    assert "retrying" in md["status"]["message"]
+
+
+def test_the_operator_refuses_to_start_without_a_cluster_name(
+    operator_kubeconfig: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    env = {**OPERATOR_ENV, "MODELSHIP_CLUSTER_NAME": "", "KUBECONFIG": str(operator_kubeconfig)}
+    binary = Path(sys.executable).parent / "modelship"
+    result = subprocess.run(
+        [str(binary), "operator", "--metrics-port", "0", "--health-port", "0"],
+        env={**__import__("os").environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "MODELSHIP_CLUSTER_NAME (Helm: nodePools.clusterName)" in result.stderr
+
+
+def test_the_leader_rides_out_an_api_server_outage(
+    operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
+) -> None:
+    apiserver = installed.processes["kube-apiserver"]
+    apiserver.send_signal(signal.SIGSTOP)  # hangs every request, as an overloaded server does
+    try:
+        time.sleep(LEASE_SECONDS * 4)
+        assert operator.process.poll() is None, operator.log()
+        assert (operator.healthz() or {}).get("leader") is False, "kept reconciling blind"
+    finally:
+        apiserver.send_signal(signal.SIGCONT)
+    wait_for("leading again", lambda: (operator.healthz() or {}).get("leader"), timeout_seconds=30)
+    ns = namespace(installed, "team-l")
+    create_md(kube, ns, "later", tiny(tiny_model))
+    md_where(kube, ns, "later", lambda md: condition(md, "Planned").get("status") == "True")
 
 
 def test_a_standby_takes_over_when_the_leader_dies(

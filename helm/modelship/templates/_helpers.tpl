@@ -85,6 +85,11 @@ ever have created and finds nothing of a kind that is off. */}}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: {{ include "modelship.writeVerbs" . }}
+# ReplicaSets say at once why pods cannot be created (ReplicaFailure: a missing ServiceAccount,
+# a PodSecurity or quota rejection).
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [list, watch]
 # Runtime pods are watched to tell NodeProvisioning, WeightsLoading and crash loops apart.
 - apiGroups: [""]
   resources: [pods]
