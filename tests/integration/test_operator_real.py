@@ -566,7 +566,7 @@ def test_apply_failures_reach_status(
     wait_for(
         "the quota counted",
         lambda: (
-            (q := kube.request("GET", f"/api/v1/namespaces/{ns}/resourcequotas/no-services"))
+            kube.request("GET", f"/api/v1/namespaces/{ns}/resourcequotas/no-services")
             .get("status", {})
             .get("hard")
         ),
