@@ -137,3 +137,20 @@ def test_examples_cover_the_documented_cases() -> None:
     for spec in specs.values():
         if spec["model"]["uri"].startswith(("fsx://", "efs://")):
             assert spec["model"]["architecture"]["knownModel"]
+
+
+@pytest.mark.usefixtures("offline")
+def test_the_readme_and_quickstart_commands_preview_offline(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)  # the commands name files relative to the checkout
+    commands = [
+        line
+        for doc in ("README.md", "docs/quickstart.md")
+        for line in re.findall(r"`?(modelship (?:plan|render) [^`#\n]+)", (REPO / doc).read_text())
+    ]
+    assert len(commands) >= 4, commands
+    for command in commands:
+        code, out, err = run(capsys, *command.split()[1:])
+        assert code == 0, f"{command}: {err}"
+        assert out
