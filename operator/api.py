@@ -463,3 +463,34 @@ def load_manifest(document: dict[str, Any]) -> tuple[str, ModelDeploymentSpec]:
     if not name:
         raise SpecError("metadata.name", "is required.")
     return str(name), load_spec(document.get("spec") or {})
+
+
+# A ModelDeployment's name is its Service's name and a label value on every child and pod:
+# a DNS-1035 label (RFC 1035) of at most 63 characters, stricter than Kubernetes' object names.
+NAME_MAX_LENGTH = 63
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_CEL_RULES = [
+    {
+        "rule": (
+            f"self.metadata.name.size() <= {NAME_MAX_LENGTH} "
+            f"&& self.metadata.name.matches('{NAME_PATTERN}')"
+        ),
+        "message": (
+            "metadata.name must be at most 63 characters of lowercase letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit: it names the Service and "
+            "labels every pod"
+        ),
+    }
+]
+
+
+def check_name(name: str) -> None:
+    """Raise SpecError naming metadata.name when it cannot name a Service and label pods."""
+    if len(name) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, name):
+        raise SpecError(
+            "metadata.name",
+            f"{name!r} ({len(name)} characters) cannot name the model's Service and label its "
+            f"pods: use at most {NAME_MAX_LENGTH} lowercase letters, digits and '-', starting with "
+            "a letter and ending with a letter or digit (delete it and create it again with such a "
+            "name; a name cannot be changed).",
+        )

@@ -214,8 +214,10 @@ def _inspect_offline(spec: api.ModelDeploymentSpec, error: ModelUnreadableError)
             {}, weights=None, overrides=architecture, parameters=model.parameter_count, files=None
         )
     except ModelInfoError:
+        # The reason, not the whole message: that one is written for the operator's status.
         raise ModelInfoError(
-            f"{error} To plan without reading the files, name the model's architecture: "
+            f"cannot read {model.uri} ({error.reason}). To plan without reading the files, "
+            "name the model's architecture: "
             "--known-model ID (`modelship models` lists them; spec.model.architecture.knownModel "
             "in a file), or spec.model.architecture fields and spec.model.parameters."
         ) from None

@@ -115,7 +115,29 @@ QuantizationName = Literal["none", "fp8", "int8", "int8-gptq", "int4-awq", "int4
 
 
 class ModelInfoError(ValueError):
-    """The model cannot be inspected; the message names the file or field and the fix."""
+    """The model cannot be inspected; the message names the file or field and the fix.
+
+    `transient`: the store failed (throttling, a 5xx, a timeout, no connection, STS), so the same
+    request may succeed later; otherwise the answer is final until something changes."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# S3 error codes that say "not now" rather than "no" (AWS S3 error responses).
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestLimitExceeded",
+        "InternalError",
+        "ServiceUnavailable",
+        "ExpiredToken",
+    }
+)
 
 
 class ModelUnreadableError(ModelInfoError):
@@ -123,8 +145,8 @@ class ModelUnreadableError(ModelInfoError):
     path, a volume this process does not mount), as opposed to files that were read and are wrong.
     `reason` says why in a few words; a preview can then plan from facts the user names."""
 
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
         self.reason = reason
 
 
@@ -690,13 +712,48 @@ class S3Package:
         self._sizes: dict[str, int] = {}
 
     def _fail(self, action: str, error: Exception) -> ModelInfoError:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            CredentialRetrievalError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
 
         code = (
             error.response.get("Error", {}).get("Code", "")
             if isinstance(error, ClientError)
             else ""
         )
+        status = (
+            int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if isinstance(error, ClientError)
+            else 0
+        )
+        unreachable = (
+            EndpointConnectionError,
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            ConnectionClosedError,
+            CredentialRetrievalError,
+        )
+        reason = f"{code or type(error).__name__}: {error}"
+        if isinstance(error, unreachable) or code in _TRANSIENT_S3_CODES or status >= 500:
+            return ModelUnreadableError(
+                f"cannot {action} for now ({reason}); retrying with backoff.",
+                reason,
+                transient=True,
+            )
+        if isinstance(error, NoCredentialsError):
+            return ModelUnreadableError(
+                f"cannot {action}: the operator has no AWS credentials. Give its ServiceAccount "
+                "an IAM role that may s3:ListBucket and s3:GetObject on the model bucket (Helm: "
+                "serviceAccount.annotations eks.amazonaws.com/role-arn, or an EKS Pod Identity "
+                "association; docs/storage.md).",
+                reason,
+            )
         fix = {
             "NoSuchBucket": f"bucket {self.source.bucket!r} does not exist; check spec.model.uri.",
             "AccessDenied": (
@@ -705,7 +762,6 @@ class S3Package:
             ),
             "NoSuchKey": "the object is gone; check the upload is complete.",
         }.get(code, "check the endpoint, credentials and spec.model.uri.")
-        reason = f"{code or type(error).__name__}: {error}"
         return ModelUnreadableError(f"cannot {action} ({reason}); {fix}", reason)
 
     def list_files(self) -> dict[str, int]:
@@ -833,9 +889,11 @@ def inspect_package(
             config, weights=weights, overrides=overrides, parameters=parameters, files=list(files)
         )
     except ModelUnreadableError as error:
-        raise ModelUnreadableError(f"{package.uri}: {error}", error.reason) from None
+        raise ModelUnreadableError(
+            f"{package.uri}: {error}", error.reason, transient=error.transient
+        ) from None
     except ModelInfoError as error:
-        raise ModelInfoError(f"{package.uri}: {error}") from None
+        raise ModelInfoError(f"{package.uri}: {error}", transient=error.transient) from None
     except OSError as error:  # local and mounted files: permissions, vanished files
         raise ModelUnreadableError(
             f"{package.uri}: cannot read {error.filename or 'the package'} ({error.strerror}); "

@@ -10,8 +10,10 @@ observedGeneration); lastTransitionTime is kept when a condition's status does n
     Planned        a placement fits (False: NoPlacement, with what would fit)
     CapacityReady  nodes for the pool exist (False: NodeProvisioning, NodeGroupCreating)
     Available      at least one replica serves requests
-    Degraded       something is wrong while a workload runs (a rejected edit, crashing pods,
-                   fewer ready replicas than wanted)
+    Degraded       something is wrong: a rejected edit, crashing pods, fewer ready replicas than
+                   wanted, pods that cannot be created (PodCreationFailed: a missing ServiceAccount,
+                   a PodSecurity rejection), children that cannot be applied (ApplyFailed), or a
+                   model store that does not answer (ModelUnreachable); the last two are retried
 
 The phase comes from the pods, because the runtime has no permission to write to the API:
 
@@ -79,8 +81,20 @@ RUNTIME_CONTAINER = "runtime"
 class Failure:
     """Why the current spec could not be acted on."""
 
-    reason: Literal["InvalidSpec", "ModelUnreadable", "NoPlacement", "RenderFailed"]
+    reason: Literal[
+        "InvalidSpec",
+        "ModelUnreadable",
+        "ModelUnreachable",
+        "NoPlacement",
+        "RenderFailed",
+        "ApplyFailed",
+    ]
     message: str
+
+    @property
+    def transient(self) -> bool:
+        """Retried with backoff (the store or the API server failed), not a verdict on the spec."""
+        return self.reason in ("ModelUnreachable", "ApplyFailed")
 
 
 @dataclass(frozen=True)
@@ -232,8 +246,11 @@ def pod_phase(
         next(iter(_container_statuses(pod)), None),
     )
     running = ((runtime or {}).get("state") or {}).get("running")
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
+        return "Scheduling", f"{name}: waiting for the scheduler to place it"
     if running is None:
-        return "Scheduling", f"{name}: on its node, containers starting"
+        return "Scheduling", f"{name}: on node {node}, containers starting"
     started = parse_time(running.get("startedAt"))
     elapsed = (now - started).total_seconds() if started else 0.0
     if neuron and elapsed > fetch_seconds:
@@ -242,6 +259,17 @@ def pod_phase(
 
 
 _PHASE_PROGRESS = {phase: index for index, phase in enumerate(PHASES)}
+POD_CREATION_FAILED = "pods cannot be created: "
+
+
+def pod_creation_failure(workload: Mapping[str, Any] | None) -> str | None:
+    """Why the workload's controller cannot create pods (a missing ServiceAccount, a PodSecurity
+    or quota rejection), from its ReplicaFailure condition, which the Deployment controller
+    copies from the ReplicaSet's; None when it creates them."""
+    condition = _conditions_of(workload or {}).get("ReplicaFailure") or {}
+    if condition.get("status") != "True":
+        return None
+    return POD_CREATION_FAILED + str(condition.get("message") or condition.get("reason"))
 
 
 def workload_phase(facts: ReconcileFacts, now: datetime.datetime) -> tuple[str, str, int, int]:
@@ -256,6 +284,12 @@ def workload_phase(facts: ReconcileFacts, now: datetime.datetime) -> tuple[str, 
     pods = [p for p in observation.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     if desired == 0:
         return "Ready", "scaled to zero; the autoscaler starts a replica on demand", 0, 0
+    cannot_create = pod_creation_failure(observation.workload)
+    if cannot_create and len(pods) < desired:
+        if ready > 0:
+            return "Degraded", f"{ready}/{desired} replicas ready; {cannot_create}", desired, ready
+        if not pods:
+            return "Failed", cannot_create, desired, ready
     stuck = [reason for pod in pods if (reason := _stuck_reason(pod))]
     if ready >= desired:
         return "Ready", f"{ready}/{desired} replicas ready", desired, ready
@@ -330,7 +364,10 @@ def build_status(
     def cond(type_: str, status: ConditionStatus, reason: str, message: str) -> dict[str, Any]:
         return _condition(type_, status, reason, message, gen, old_conditions, stamp)
 
-    if failure and failure.reason in ("InvalidSpec", "ModelUnreadable"):
+    if failure and failure.reason == "ModelUnreachable":
+        validated = cond("Validated", "Unknown", failure.reason, failure.message)
+        planned = cond("Planned", "Unknown", "NotValidated", "the model is read again shortly")
+    elif failure and failure.reason in ("InvalidSpec", "ModelUnreadable"):
         validated = cond("Validated", "False", failure.reason, failure.message)
         planned = cond("Planned", "Unknown", "NotValidated", "fix the spec to plan again")
     else:
@@ -378,16 +415,22 @@ def build_status(
         available = cond("Available", "False", phase, message)
 
     if failure and running:
+        kept = "SpecRejected" if not failure.transient else failure.reason
         degraded = cond(
             "Degraded",
             "True",
-            "SpecRejected",
+            kept,
             f"the last good workload keeps serving; {failure.reason}: {failure.message}",
         )
         phase, message = "Degraded", f"{failure.reason}: {failure.message}"
     elif failure:
         degraded = cond("Degraded", "True", failure.reason, failure.message)
-        phase, message = "Failed", f"{failure.reason}: {failure.message}"
+        phase = "Pending" if failure.transient else "Failed"
+        message = f"{failure.reason}: {failure.message}"
+        if failure.transient:
+            message += " (retrying)"
+    elif message.startswith(POD_CREATION_FAILED):
+        degraded = cond("Degraded", "True", "PodCreationFailed", message)
     elif phase in ("Degraded", "Failed"):
         degraded = cond("Degraded", "True", "ReplicasFailing", message)
     else:

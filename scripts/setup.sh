@@ -35,6 +35,8 @@ fi
 # Prometheus and promtool (Debian) for the rule tests and the observability test.
 step "Prometheus and promtool (Debian packages)"
 bash scripts/install-prometheus.sh
+step "etcd (Debian package) for the test control plane"
+bash scripts/install-kube.sh
 
 # mypy cannot follow setuptools' editable import hook; give it a plain view of the package.
 mkdir -p .dev/modelship
