@@ -89,6 +89,18 @@ class _Model(BaseModel):
 class Architecture(_Model):
     """Architecture facts that override (or stand in for) the model's config.json."""
 
+    known_model: str | None = Field(
+        None,
+        max_length=200,
+        description=(
+            "A well-known model whose published config.json facts and parameter count stand in "
+            "for the model's own files when those cannot be read: fsx:// and efs:// volumes the "
+            "operator does not mount, and previews (modelship plan, render) without access to "
+            "the bucket. A Hugging Face repository id such as meta-llama/Llama-3.1-8B-Instruct; "
+            "`modelship models` lists them. The other architecture fields and "
+            "spec.model.parameters override its facts."
+        ),
+    )
     num_layers: int | None = Field(
         None, ge=1, description="Transformer layers (num_hidden_layers)."
     )
@@ -113,11 +125,24 @@ class Architecture(_Model):
     )
     qk_rope_head_dim: int | None = Field(None, ge=1, description="MLA rotary head dimension.")
 
+    @field_validator("known_model")
+    @classmethod
+    def _is_known(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .knownmodels import KnownModelError, get_known_model
+
+            try:
+                get_known_model(value)
+            except KnownModelError as error:
+                raise ValueError(str(error)) from None
+        return value
+
 
 class ModelSpec(_Model):
     uri: str = Field(
         ...,
-        pattern=URI_PATTERN,
+        # In the CRD for the API server; here the validator below says what is wrong in words.
+        json_schema_extra={"pattern": URI_PATTERN},
         description=(
             "Where the model package lives: s3://bucket/prefix, fsx://<pvc>/<path>, "
             "efs://<pvc>/<path>, or file:///dir for local use."
@@ -162,14 +187,21 @@ class ModelSpec(_Model):
         ),
     )
     architecture: Architecture | None = Field(
-        None, description="Architecture facts that override the model's config.json."
+        None,
+        description=(
+            "Architecture facts that override the model's config.json, or stand in for it "
+            "where it cannot be read (knownModel names a well-known model's published facts)."
+        ),
     )
 
     @field_validator("parameters")
     @classmethod
     def _valid_parameters(cls, value: int | str | None) -> int | str | None:
         if value is not None:
-            parse_parameter_count(value)
+            try:
+                parse_parameter_count(value)
+            except SpecError as error:
+                raise ValueError(error.message) from None  # load_spec names the field
         return value
 
     @field_validator("uri")
@@ -178,7 +210,13 @@ class ModelSpec(_Model):
         try:
             parse_source(value)
         except SourceError as error:
-            raise ValueError(str(error)) from None
+            raise ValueError(error.problem) from None
+        if not re.match(URI_PATTERN, value):
+            # parse_source forgives what the API server's pattern does not: say it the same way.
+            raise ValueError(
+                f"{value!r} must be written exactly as the API server accepts it: a lowercase "
+                "scheme (s3://, fsx://, efs://, file://) and no spaces around the URI."
+            )
         return value
 
     @property

@@ -8,7 +8,6 @@ instance types with the same name are replaced, new ones are added.
 from __future__ import annotations
 
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .plan import AcceleratorVendor
 
 GIB = 1 << 30
+# Beside this module in the checkout, the editable install and the wheel. Not importlib.resources:
+# modelship.operator is a namespace package, and Python 3.11 cannot read resources of one whose
+# path holds setuptools' editable placeholder entry.
+BUILTIN_CATALOG = Path(__file__).resolve().parent / "data" / "catalog.yaml"
 
 RESOURCE_NAMES: dict[AcceleratorVendor, str] = {
     "nvidia": "nvidia.com/gpu",
@@ -129,7 +132,7 @@ Kind = Literal["builtin", "override"]
 
 def _read(path: Path | None) -> dict[str, Any]:
     if path is None:
-        text = resources.files("modelship.operator").joinpath("data/catalog.yaml").read_text()
+        text = BUILTIN_CATALOG.read_text()
         where = "built-in catalog"
     else:
         try:

@@ -26,6 +26,8 @@ from .source import LocalSource, ModelSource, S3Source, VolumeSource
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
+    from .knownmodels import KnownModel
+
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 # One speculative ranged read of this size holds the whole header of nearly every shard (a
@@ -136,6 +138,16 @@ _TRANSIENT_S3_CODES = frozenset(
         "ExpiredToken",
     }
 )
+
+
+class ModelUnreadableError(ModelInfoError):
+    """The model's files could not be read at all (no credentials, no access, no such bucket or
+    path, a volume this process does not mount), as opposed to files that were read and are wrong.
+    `reason` says why in a few words; a preview can then plan from facts the user names."""
+
+    def __init__(self, message: str, reason: str, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
+        self.reason = reason
 
 
 # --- safetensors headers --------------------------------------------------------------------
@@ -727,18 +739,20 @@ class S3Package:
             ConnectionClosedError,
             CredentialRetrievalError,
         )
+        reason = f"{code or type(error).__name__}: {error}"
         if isinstance(error, unreachable) or code in _TRANSIENT_S3_CODES or status >= 500:
-            return ModelInfoError(
-                f"cannot {action} for now ({code or type(error).__name__}: {error}); "
-                "retrying with backoff.",
+            return ModelUnreadableError(
+                f"cannot {action} for now ({reason}); retrying with backoff.",
+                reason,
                 transient=True,
             )
         if isinstance(error, NoCredentialsError):
-            return ModelInfoError(
+            return ModelUnreadableError(
                 f"cannot {action}: the operator has no AWS credentials. Give its ServiceAccount "
                 "an IAM role that may s3:ListBucket and s3:GetObject on the model bucket (Helm: "
                 "serviceAccount.annotations eks.amazonaws.com/role-arn, or an EKS Pod Identity "
-                "association; docs/storage.md)."
+                "association; docs/storage.md).",
+                reason,
             )
         fix = {
             "NoSuchBucket": f"bucket {self.source.bucket!r} does not exist; check spec.model.uri.",
@@ -748,7 +762,7 @@ class S3Package:
             ),
             "NoSuchKey": "the object is gone; check the upload is complete.",
         }.get(code, "check the endpoint, credentials and spec.model.uri.")
-        return ModelInfoError(f"cannot {action} ({code or type(error).__name__}: {error}); {fix}")
+        return ModelUnreadableError(f"cannot {action} ({reason}); {fix}", reason)
 
     def list_files(self) -> dict[str, int]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -874,12 +888,17 @@ def inspect_package(
         return model_info_from_config(
             config, weights=weights, overrides=overrides, parameters=parameters, files=list(files)
         )
+    except ModelUnreadableError as error:
+        raise ModelUnreadableError(
+            f"{package.uri}: {error}", error.reason, transient=error.transient
+        ) from None
     except ModelInfoError as error:
         raise ModelInfoError(f"{package.uri}: {error}", transient=error.transient) from None
     except OSError as error:  # local and mounted files: permissions, vanished files
-        raise ModelInfoError(
+        raise ModelUnreadableError(
             f"{package.uri}: cannot read {error.filename or 'the package'} ({error.strerror}); "
-            "check the path and its permissions."
+            "check the path and its permissions.",
+            f"{error.strerror}: {error.filename or 'the package'}",
         ) from None
 
 
@@ -896,7 +915,8 @@ def inspect_model(
 
     s3:// is read with GetObject (ranged for shard headers); file:// from disk; fsx:// and
     efs:// only through `volume_root`, a local path where the claim is mounted (the CLI and
-    tests). Without it, spec.model.parameters and spec.model.architecture must say it all.
+    tests). Without it, spec.model.architecture.knownModel, or spec.model.parameters and the
+    other spec.model.architecture fields, must say it all.
     """
     if isinstance(source, S3Source):
         package: ModelPackage = S3Package(source, client or s3_client(endpoint_url))
@@ -909,26 +929,56 @@ def inspect_model(
     return inspect_package(package, overrides=overrides, parameters=parameters)
 
 
+def model_info_from_known_model(
+    known: KnownModel, *, overrides: Architecture | None, parameters: int | None, why: str
+) -> ModelInfo:
+    """ModelInfo from a known model's published config.json facts (operator/knownmodels.py);
+    spec.model.architecture fields and spec.model.parameters still override them. `why` says,
+    in the plan's warnings, why the model's own files were not read."""
+    try:
+        info = model_info_from_config(
+            known.config,
+            weights=None,
+            overrides=overrides,
+            parameters=parameters or known.parameters,
+            files=None,
+        )
+    except ModelInfoError as error:
+        raise ModelInfoError(f"known model {known.id}: {error}") from None
+    warning = f"{why}; the plan uses the published config.json of {known.id} ({known.config_url})."
+    return info.model_copy(update={"warnings": [*info.warnings, warning]})
+
+
 def _volume_from_spec(
     source: VolumeSource, overrides: Architecture | None, parameters: int | None
 ) -> ModelInfo:
+    why = f"{source.uri} was not read (the operator cannot mount {source.scheme})"
+    if overrides is not None and overrides.known_model:
+        from .knownmodels import get_known_model
+
+        known = get_known_model(overrides.known_model)
+        return model_info_from_known_model(
+            known, overrides=overrides, parameters=parameters, why=why
+        )
     try:
         info = model_info_from_config(
             {}, weights=None, overrides=overrides, parameters=parameters, files=None
         )
     except ModelInfoError as error:
-        raise ModelInfoError(
+        raise ModelUnreadableError(
             f"{source.uri}: the operator cannot read {source.scheme} volumes, so a model there "
-            "needs spec.model.parameters and spec.model.architecture (numLayers, hiddenSize, "
+            "needs spec.model.architecture.knownModel (a model `modelship models` lists), or "
+            "spec.model.parameters and spec.model.architecture (numLayers, hiddenSize, "
             "numAttentionHeads, vocabSize, maxPositionEmbeddings, and numKeyValueHeads, headDim "
-            f"where they differ from the defaults); or put it on S3 instead. ({error})"
+            f"where they differ from the defaults); or put it on S3 instead. ({error})",
+            f"{source.scheme} volumes are not mounted here",
         ) from None
     return info.model_copy(
         update={
             "warnings": [
                 *info.warnings,
-                f"{source.uri} was not read (the operator cannot mount {source.scheme}); the "
-                "plan rests on spec.model.parameters and spec.model.architecture alone.",
+                f"{why}; the plan rests on spec.model.parameters and spec.model.architecture "
+                "alone.",
             ]
         }
     )

@@ -242,3 +242,37 @@ class TestCrd:
             "x-kubernetes-int-or-string": True,
         }
         assert "uri" in spec_props["model"]["required"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        (
+            "s3://Bad_Bucket/x",
+            "bucket names use lowercase letters, digits, dots and hyphens; 'Bad_Bucket' has 'B', '_'",
+        ),
+        ("s3://ab/x", "bucket names are 3 to 63 characters long; 'ab' has 2"),
+        ("s3://-models/x", "bucket names start and end with a lowercase letter or digit"),
+        ("s3:///x", "has no bucket name"),
+        (
+            "fsx://Models/x",
+            "PersistentVolumeClaim names use lowercase letters, digits, dots and hyphens",
+        ),
+        ("S3://models/x", "a lowercase scheme"),
+        (" s3://models/x", "no spaces around the URI"),
+    ],
+)
+def test_uri_errors_say_what_is_wrong_in_words(uri: str, words: str) -> None:
+    # The operator's Validated condition carries the same message (handlers use load_spec).
+    with pytest.raises(SpecError) as caught:
+        load_spec({"model": {"uri": uri}})
+    assert caught.value.field == "spec.model.uri"
+    assert words in caught.value.message
+    assert "pattern" not in caught.value.message and "[a-z0-9]" not in caught.value.message
+
+
+def test_the_crd_keeps_the_uri_pattern_for_the_api_server() -> None:
+    from modelship.operator.source import URI_PATTERN
+
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["model"]["properties"]["uri"]["pattern"] == URI_PATTERN
