@@ -643,3 +643,35 @@ def test_a_standby_takes_over_when_the_leader_dies(
         md_where(kube, ns, "after", lambda md: condition(md, "Planned").get("status") == "True")
     finally:
         assert standby.stop() == 0, standby.log()
+
+
+def test_a_restart_while_the_model_cannot_be_read_keeps_restoring_children(
+    operator_kubeconfig: Path, installed: ControlPlane, kube: Kube, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The last good plan lives in the cluster: a restarted operator restores children without
+    reading the model again, even while its store fails."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    first = start_operator(operator_kubeconfig, OPERATOR_ENV, tmp_path / "first.log", "operator-c")
+    try:
+        wait_for("leading", lambda: (first.healthz() or {}).get("leader"), timeout_seconds=20)
+        ns = namespace(installed, "team-m")
+        create_md(kube, ns, "hiccup", {"model": {"uri": f"file://{model}"}})
+        md_where(kube, ns, "hiccup", lambda md: condition(md, "Planned").get("status") == "True")
+        wait_for("the Service", lambda: kube.get(SERVICE, ns, "hiccup"))
+    finally:
+        assert first.stop() == 0, first.log()
+    model.rename(tmp_path / "moved")  # the store fails: nothing there to read
+    second = start_operator(
+        operator_kubeconfig, OPERATOR_ENV, tmp_path / "second.log", "operator-d"
+    )
+    try:
+        wait_for("leading", lambda: (second.healthz() or {}).get("leader"), timeout_seconds=20)
+        assert kube.delete(SERVICE, ns, "hiccup")
+        wait_for("the Service restored", lambda: kube.get(SERVICE, ns, "hiccup"))
+        md = kube.get(MD, ns, "hiccup")
+        assert condition(md, "Validated")["status"] == "True", md and md.get("status")
+    finally:
+        assert second.stop() == 0, second.log()

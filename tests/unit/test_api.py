@@ -8,7 +8,13 @@ import kubernetes_validate
 import pytest
 import yaml
 from modelship.operator import api
-from modelship.operator.api import SpecError, load_manifest, load_spec, parse_parameter_count
+from modelship.operator.api import (
+    SpecError,
+    check_name,
+    load_manifest,
+    load_spec,
+    parse_parameter_count,
+)
 from modelship.operator.crd import build_crd, crd_yaml
 from modelship.operator.engine import EngineArgs
 from modelship.operator.source import LocalSource, S3Source, SourceError, VolumeSource, parse_source
@@ -276,3 +282,23 @@ def test_the_crd_keeps_the_uri_pattern_for_the_api_server() -> None:
 
     spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["model"]["properties"]["uri"]["pattern"] == URI_PATTERN
+
+
+@pytest.mark.parametrize("name", ["chat", "llama-3-8b", "a" * 63, "m1"])
+def test_names_that_can_name_a_service_pass(name: str) -> None:
+    check_name(name)
+
+
+@pytest.mark.parametrize("name", ["m" * 64, "1chat", "chat-", "chat.v2", "Chat"])
+def test_names_that_cannot_name_a_service_are_refused_naming_the_field(name: str) -> None:
+    with pytest.raises(SpecError) as error:
+        check_name(name)
+    assert error.value.field == "metadata.name"
+    assert "at most 63" in str(error.value)
+
+
+def test_the_crd_refuses_such_names_and_defaults_replicas_for_kubectl_scale() -> None:
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    (rule,) = schema["x-kubernetes-validations"]
+    assert "self.metadata.name.size() <= 63" in rule["rule"]
+    assert schema["properties"]["spec"]["properties"]["replicas"]["default"] == {}
