@@ -1,5 +1,6 @@
 """Every dashboard query, recording rule and alert expression returns data from a real Prometheus
-scraping the real operator (kopf, in-process, against KMock), the runtime and vLLM (CPU build).
+scraping the real operator (`modelship operator`, on the real control plane with its chart's RBAC),
+the runtime and vLLM (CPU build).
 
 Alerts are checked with their thresholds removed (a numeric comparison dropped, a comparison
 between two vectors turned into arithmetic), so the question is "do these series exist with
@@ -9,7 +10,6 @@ matching labels", not "is the system unhealthy right now".
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.request
@@ -17,12 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import pytest
 import yaml
 from modelship.operator.apply import Kind, Kube
 
-from tests.servers.kube import KubeApi, ensure_cluster_peering
+from tests.servers.kubeplane import (
+    ControlPlane,
+    ensure_runtime_service_account,
+    start_operator,
+)
 from tests.servers.prometheus import MODEL_DEPLOYMENT, NAMESPACE, Prometheus
 
 pytestmark = pytest.mark.integration
@@ -30,13 +33,16 @@ pytestmark = pytest.mark.integration
 CHART = Path(__file__).resolve().parents[2] / "helm" / "modelship"
 MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
 OPERATOR_ENV = {
-    "MODELSHIP_CLUSTER_NAME": "kmock",
-    "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-kmock",
+    "MODELSHIP_CLUSTER_NAME": "test-cluster",
+    "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-test",
     "MODELSHIP_RESYNC_SECONDS": "2",
+    "MODELSHIP_LEASE_SECONDS": "3",
+    "MODELSHIP_ACTIVATOR_PORT": "0",
+    "MODELSHIP_ALLOW_FILE_SOURCES": "true",
 }
 # Expressions that cannot return data on one CPU box, and why (checked to be exactly these).
 NO_DATA_HERE = {
-    "ModelshipReconcileErrors": "no reconcile ended in error or retry: the API (KMock) never failed",
+    "ModelshipReconcileErrors": "no reconcile ended in error or retry: the API server never failed",
     "ModelshipOperatorDown": "absent() is empty while the operator is scraped, which it is",
 }
 
@@ -73,16 +79,23 @@ def rule_expressions() -> tuple[dict[str, str], dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def operator_with_model(kubeconfig: Path, kube_api: KubeApi, runtime_vllm: Any) -> Iterator[Kube]:
-    """kopf running modelship's handlers with one ModelDeployment for the tiny model vLLM serves."""
-    from kopf.testing import KopfRunner
-
-    kube = Kube(kubernetes.config.new_client_from_config(str(kubeconfig)))
-    saved = {key: os.environ.get(key) for key in OPERATOR_ENV}
-    os.environ.update(OPERATOR_ENV)
-    ensure_cluster_peering(kube)
-    args = ["run", "--all-namespaces", "-m", "modelship.operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
+def operator_with_model(
+    modelship_installed: ControlPlane,
+    operator_kubeconfig: Path,
+    prometheus: Prometheus,
+    runtime_vllm: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Kube]:
+    """The operator, serving its metrics where Prometheus scrapes them, with one ModelDeployment
+    for the tiny model vLLM serves."""
+    kube = modelship_installed.kube()
+    modelship_installed.ensure_namespace(NAMESPACE)
+    ensure_runtime_service_account(modelship_installed, NAMESPACE)
+    log = tmp_path_factory.mktemp("observability") / "operator.log"
+    operator = start_operator(
+        operator_kubeconfig, OPERATOR_ENV, log, metrics_port=prometheus.operator_metrics_port
+    )
+    try:
         body = {
             "apiVersion": "modelship.dev/v1alpha1",
             "kind": "ModelDeployment",
@@ -97,15 +110,14 @@ def operator_with_model(kubeconfig: Path, kube_api: KubeApi, runtime_vllm: Any) 
                 break
             time.sleep(0.5)
         else:
-            raise AssertionError(f"{MODEL_DEPLOYMENT} was never planned: {runner.output[-3000:]}")
+            raise AssertionError(f"{MODEL_DEPLOYMENT} was never planned: {operator.log()}")
         yield kube
         kube.delete(MD, NAMESPACE, MODEL_DEPLOYMENT)
-        time.sleep(2)  # let the delete handler remove the finalizer before kopf stops
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        deadline = time.monotonic() + 30
+        while kube.get(MD, NAMESPACE, MODEL_DEPLOYMENT) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the delete handler removes the finalizer before the operator stops
+    finally:
+        assert operator.stop() == 0, operator.log()
 
 
 def complete(base_url: str, model: str, prompt: str) -> None:

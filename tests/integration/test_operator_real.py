@@ -31,14 +31,13 @@ from modelship.operator.leader import LEASE
 from modelship.runtime.tinymodel import build_tiny_model
 
 from tests.servers.kubeplane import (
-    INSTALL_YAML,
     OPERATOR_NAMESPACE,
-    OPERATOR_SERVICE_ACCOUNT,
     POD,
     ControlPlane,
     Karpenter,
     Kubelet,
     OperatorProcess,
+    ensure_runtime_service_account,
     free_port,
     start_operator,
     wait_for,
@@ -68,17 +67,8 @@ OPERATOR_ENV = {
 
 
 @pytest.fixture(scope="module")
-def installed(control_plane: ControlPlane) -> ControlPlane:
-    """manifests/install.yaml applied to the fresh plane in one `kubectl apply`, as its header
-    promises (a kind whose CRD comes in the same file would fail here)."""
-    control_plane.kubectl("apply", "--server-side", "-f", str(INSTALL_YAML))
-    return control_plane
-
-
-@pytest.fixture(scope="module")
-def operator_kubeconfig(installed: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
-    return installed.token_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, path)
+def installed(modelship_installed: ControlPlane) -> ControlPlane:
+    return modelship_installed
 
 
 @pytest.fixture(scope="module")
@@ -127,23 +117,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def namespace(plane: ControlPlane, name: str, runtime_sa: bool = True, **labels: str) -> str:
     """A team namespace; with the runtime ServiceAccount the chart creates in watched ones."""
     plane.ensure_namespace(name, labels)
-    kube = plane.kube()
-    if (
-        runtime_sa
-        and kube.get(
-            Kind("v1", "ServiceAccount", "serviceaccounts", True), name, "modelship-runtime"
-        )
-        is None
-    ):
-        kube.request(
-            "POST",
-            f"/api/v1/namespaces/{name}/serviceaccounts",
-            body={
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {"name": "modelship-runtime"},
-            },
-        )
+    if runtime_sa:
+        ensure_runtime_service_account(plane, name)
     return name
 
 

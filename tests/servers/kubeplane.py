@@ -723,7 +723,11 @@ class OperatorProcess:
 
 
 def start_operator(
-    kubeconfig: Path, env: dict[str, str], log_path: Path, identity: str = "operator"
+    kubeconfig: Path,
+    env: dict[str, str],
+    log_path: Path,
+    identity: str = "operator",
+    metrics_port: int = 0,
 ) -> OperatorProcess:
     """Start `modelship operator` against the plane with `kubeconfig` (a ServiceAccount token)."""
     health_port = free_port()
@@ -737,7 +741,14 @@ def start_operator(
     }
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [str(binary), "operator", "--metrics-port", "0", "--health-port", str(health_port)],
+        [
+            str(binary),
+            "operator",
+            "--metrics-port",
+            str(metrics_port),
+            "--health-port",
+            str(health_port),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=full_env,
@@ -751,3 +762,36 @@ def start_operator(
         operator.stop()
         raise AssertionError(f"the operator did not start:\n{operator.log()}") from None
     return operator
+
+
+@pytest.fixture(scope="session")
+def modelship_installed(control_plane: ControlPlane) -> ControlPlane:
+    """manifests/install.yaml applied to the fresh plane in one `kubectl apply`, as its header
+    promises (a kind whose CRD came in the same file would fail here)."""
+    control_plane.kubectl("apply", "--server-side", "-f", str(INSTALL_YAML))
+    return control_plane
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    modelship_installed: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A kubeconfig with a token of the chart's operator ServiceAccount: exactly its RBAC."""
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    return modelship_installed.token_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, path)
+
+
+def ensure_runtime_service_account(plane: ControlPlane, namespace: str) -> None:
+    """The ServiceAccount runtime pods run as, which the chart creates in watched namespaces."""
+    kube = plane.kube()
+    kind = Kind("v1", "ServiceAccount", "serviceaccounts", True)
+    if kube.get(kind, namespace, "modelship-runtime") is None:
+        kube.request(
+            "POST",
+            kind.path(namespace),
+            body={
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": "modelship-runtime"},
+            },
+        )
