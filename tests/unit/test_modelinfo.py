@@ -307,7 +307,8 @@ def test_quantization_mapping() -> None:
         q = quantization_from_config({"quantization_config": qc})
         return q.name, q.bits, q.group_size
 
-    assert quant({"quant_method": "gptq", "bits": 8, "group_size": -1}) == ("int8-gptq", 8, None)
+    # group_size -1: one scale per output channel (GPTQ), kept as -1 so sizing skips group checks.
+    assert quant({"quant_method": "gptq", "bits": 8, "group_size": -1}) == ("int8-gptq", 8, -1)
     assert quant({"quant_method": "awq", "bits": 4, "group_size": 64}) == ("int4-awq", 4, 64)
     with pytest.raises(ModelInfoError, match="bits is 8 for awq"):
         quant({"quant_method": "awq", "bits": 8})
@@ -325,7 +326,7 @@ def test_quantization_mapping() -> None:
     int8 = {"num_bits": 8, "type": "int", "strategy": "channel", "group_size": None}
     assert quant(compressed(fp8)) == ("fp8", None, None)
     assert quant(compressed(int4)) == ("int4-gptq", 4, 128)
-    assert quant(compressed(int8)) == ("int8", 8, None)
+    assert quant(compressed(int8)) == ("int8", 8, -1)  # strategy channel: per-channel scales
     with pytest.raises(ModelInfoError, match="config_groups"):
         quant(compressed(fp8, int4))
 
