@@ -356,7 +356,9 @@ def _compressed_tensors(qc: Mapping[str, Any], unquantized: tuple[str, ...]) -> 
                     where = "quantization_config.config_groups.*.weights.block_structure"
                     blocks.add(_block_size(weights.get("block_structure"), where))
                 else:
-                    group_sizes.add(_group_size(weights.get("group_size")))
+                    size = _group_size(weights.get("group_size"))
+                    if size is not None:
+                        group_sizes.add(size)
     if len(schemes) == 1:
         kind, bits = schemes.pop()
         group = group_sizes.pop() if len(group_sizes) == 1 else None
@@ -470,10 +472,10 @@ def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[L
                 f"config.json layer_types has {', '.join(unknown)}, which modelship cannot size "
                 f"(it knows {', '.join(sorted(_LAYER_KINDS))})."
             )
-        kinds = [_LAYER_KINDS[kind] for kind in layer_types]
+        listed: list[LayerKind] = [_LAYER_KINDS[kind] for kind in layer_types]
         if not window_layers:  # a sliding window as long as the context is full attention
-            kinds = ["full_attention" if k == "sliding_attention" else k for k in kinds]
-        return kinds
+            return ["full_attention" if k == "sliding_attention" else k for k in listed]
+        return listed
     period, offset = config.get("attn_layer_period"), config.get("attn_layer_offset")
     if isinstance(period, int) and isinstance(offset, int) and period > 0:
         # Jamba: attention where layer % period == offset, Mamba elsewhere (JambaConfig).
@@ -498,9 +500,9 @@ def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[L
             for i in range(num_layers)
         ]
     if window_layers < num_layers:  # Qwen2 max_window_layers: the top layers slide
-        return ["full_attention"] * (num_layers - window_layers) + [
-            "sliding_attention"
-        ] * window_layers
+        full: list[LayerKind] = ["full_attention"] * (num_layers - window_layers)
+        sliding: list[LayerKind] = ["sliding_attention"] * window_layers
+        return full + sliding
     return ["sliding_attention"] * num_layers
 
 
