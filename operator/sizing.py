@@ -361,6 +361,7 @@ class Request:
     weight_bytes: int
     enforce_eager: bool
     spec: ModelDeploymentSpec
+    expert_parallel: bool = False  # --enable-expert-parallel in spec.serving.engineArgs
 
 
 def _valid_degrees(info: ModelInfo, fmt: ServedFormat, limit: int = 64) -> list[int]:
@@ -373,7 +374,9 @@ def _valid_degrees(info: ModelInfo, fmt: ServedFormat, limit: int = 64) -> list[
     return degrees
 
 
-def _block_fp8_problem(info: ModelInfo, block: tuple[int, int], tp: int) -> str | None:
+def _block_fp8_problem(
+    info: ModelInfo, block: tuple[int, int], tp: int, expert_parallel: bool
+) -> str | None:
     """vLLM's validate_fp8_block_shape(_moe): every dimension TP splits must stay a whole number
     of blocks (column-parallel outputs of block_n, row-parallel inputs of block_k)."""
     block_n, block_k = block
@@ -385,7 +388,12 @@ def _block_fp8_problem(info: ModelInfo, block: tuple[int, int], tp: int) -> str 
         dims.append(("KV heads x head_dim", kv_width, True, False))
     if info.intermediate_size and (not info.num_experts or not info.moe_intermediate_size):
         dims.append(("intermediate_size", info.intermediate_size, True, True))
-    if info.num_experts and (info.moe_intermediate_size or info.intermediate_size):
+    # Expert parallelism places whole experts on each GPU: their dimensions are not split.
+    if (
+        info.num_experts
+        and not expert_parallel
+        and (info.moe_intermediate_size or info.intermediate_size)
+    ):
         moe = int(info.moe_intermediate_size or info.intermediate_size or 0)
         dims.append(("moe_intermediate_size", moe, True, True))
     for name, size, as_output, as_input in dims:
@@ -401,7 +409,9 @@ def _block_fp8_problem(info: ModelInfo, block: tuple[int, int], tp: int) -> str 
     return None
 
 
-def _tensor_parallel_problem(info: ModelInfo, fmt: ServedFormat, tp: int) -> str | None:
+def _tensor_parallel_problem(
+    info: ModelInfo, fmt: ServedFormat, tp: int, expert_parallel: bool = False
+) -> str | None:
     if info.num_attention_heads % tp:
         return (
             f"tensor-parallel {tp} does not divide the {info.num_attention_heads} attention heads"
@@ -419,18 +429,18 @@ def _tensor_parallel_problem(info: ModelInfo, fmt: ServedFormat, tp: int) -> str
                 f"group size {group}"
             )
     if tp > 1 and fmt.name == "fp8" and fmt.block_size:
-        return _block_fp8_problem(info, fmt.block_size, tp)
+        return _block_fp8_problem(info, fmt.block_size, tp, expert_parallel)
     return None
 
 
 def _tensor_parallel_advice(info: ModelInfo, fmt: ServedFormat, problem: str) -> str:
     """The problem plus the degrees that work and, for block-FP8 MoE, expert parallelism."""
     valid = _valid_degrees(info, fmt)
-    advice = f"; tensor-parallel {', '.join(map(str, valid))} works" if valid else ""
+    advice = f"; use tensor-parallel {' or '.join(map(str, valid))}" if valid else ""
     if "moe_intermediate_size" in problem:
         advice += (
-            " (or keep the degree with expert parallelism, --enable-expert-parallel, which "
-            "places whole experts on each GPU instead of splitting them)"
+            " (or keep the degree with expert parallelism: --enable-expert-parallel in "
+            "spec.serving.engineArgs places whole experts on each GPU instead of splitting them)"
         )
     return problem + advice
 
@@ -614,7 +624,7 @@ def _evaluate(
     """One placement with its memory accounting, or _Infeasible with the reason."""
     accelerator = candidate.accelerator
     tp, pp = candidate.tensor_parallel_size, candidate.pipeline_parallel_size
-    problem = _tensor_parallel_problem(info, request.fmt, tp)
+    problem = _tensor_parallel_problem(info, request.fmt, tp, request.expert_parallel)
     if problem:
         raise _Infeasible(_tensor_parallel_advice(info, request.fmt, problem))
     if pp > info.num_layers:
@@ -1019,16 +1029,23 @@ def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
     fmt = served_format(info, spec.model.quantization)
     pinned_tp = spec.accelerator.tensor_parallel_size
     if pinned_tp is not None:
-        problem = _tensor_parallel_problem(info, fmt, pinned_tp)
+        expert_parallel = "--enable-expert-parallel" in serving.engine_args
+        problem = _tensor_parallel_problem(info, fmt, pinned_tp, expert_parallel)
         if problem:
             valid = [
                 tp
                 for tp in range(1, info.num_attention_heads + 1)
-                if _tensor_parallel_problem(info, fmt, tp) is None
+                if _tensor_parallel_problem(info, fmt, tp, expert_parallel) is None
             ]
+            hint = (
+                "; or keep it with expert parallelism (--enable-expert-parallel in "
+                "spec.serving.engineArgs places whole experts on each GPU)"
+                if "moe_intermediate_size" in problem
+                else ""
+            )
             raise SpecError(
                 "spec.accelerator.tensorParallelSize",
-                f"{problem}; use one of {', '.join(map(str, valid))}, or leave it out.",
+                f"{problem}; use one of {', '.join(map(str, valid))}, or leave it out{hint}.",
             )
     return Request(
         max_model_len=max_model_len,
@@ -1039,6 +1056,7 @@ def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
         weight_bytes=weight_bytes(info, fmt),
         enforce_eager="--enforce-eager" in serving.engine_args,
         spec=spec,
+        expert_parallel="--enable-expert-parallel" in serving.engine_args,
     )
 
 
