@@ -297,3 +297,41 @@ def test_catalog_command_lists_every_instance_type(capsys: pytest.CaptureFixture
         "trn2.48xlarge",
     ]:
         assert name in out
+
+
+def test_quantization_names_users_write_are_accepted(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Qwen/Qwen2.5-72B-Instruct-AWQ's config.json: `--quantization awq` names its format; gptq
+    # does not match it and the error says what the checkpoint is.
+    directory = tmp_path / "qwen-awq"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(configs.QWEN2_5_72B_AWQ))
+    code, out, _ = run(
+        capsys, "plan", "--model", str(directory), "--params", "72.7B", "--quantization", "awq"
+    )
+    assert code == 0, out
+    assert "weights int4-awq" in out
+    code, _, err = run(
+        capsys, "plan", "--model", str(directory), "--params", "72.7B", "--quantization", "gptq"
+    )
+    assert code == 1
+    assert "--quantization" in err and "int4-awq (awq)" in err
+
+
+def test_plan_shows_the_efa_request_and_the_neuron_compile_step(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, llama_dir: Path
+) -> None:
+    directory = tmp_path / "70b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(configs.LLAMA_3_70B))
+    code, out, _ = run(
+        capsys, "plan", "--model", str(directory), "--params", "70.6B", "--max-model-len", "8192"
+    )
+    assert code == 0
+    assert "Chosen    g6.12xlarge: 2 x 4 x NVIDIA L4, TP 4, PP 2" in out
+    assert "vpc.amazonaws.com/efa: 1" in out
+    code, out, _ = run(capsys, "plan", "--model", str(llama_dir), "--params", "8B")
+    assert code == 0
+    assert "step 1: compile once on inf2.8xlarge" in out
+    assert "step 2: serve on inf2.xlarge" in out
