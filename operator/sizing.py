@@ -92,6 +92,10 @@ MXFP4_BYTES_PER_PARAM = 0.5 + 1 / 32
 # and pipeline bubble for little gain.
 DEFAULT_MAX_NODES_PER_REPLICA = 4
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
+# vLLM keeps two state slots per sequence in every Mamba / linear-attention layer with prefix
+# caching on, its default (MambaSpec.max_memory_usage_bytes, mamba_cache_mode "align"); the
+# vLLM oracle test measures it (tests/integration/test_kv_oracle_vllm.py).
+RECURRENT_STATE_SLOTS = 2
 
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int8-gptq": 8, "int4": 4}
 BITS.update({"int4-awq": 4, "int4-gptq": 4, "mxfp4": 4})
@@ -456,6 +460,17 @@ def _activation_bytes(info: ModelInfo, tp: int, batched_tokens: int, max_num_seq
     return hidden_activations * ACTIVATION_ELEMENT_BYTES + logits
 
 
+def hybrid_page_layout(per_layer: int, state_per_layer: int) -> tuple[int, int]:
+    """(attention block tokens, bytes of one state slot) for a model with both attention and
+    Mamba / linear-attention layers, as vLLM lays them out on GPUs
+    (platforms/interface.py _align_hybrid_block_size): the attention block grows, in steps of 16
+    tokens, until its page holds one layer's state, and each state slot is padded to that page."""
+    if not per_layer or not state_per_layer:
+        return BLOCK_SIZE, state_per_layer
+    block = BLOCK_SIZE * math.ceil(state_per_layer / (BLOCK_SIZE * per_layer))
+    return block, block * per_layer
+
+
 def _kv_bytes_per_sequence(
     info: ModelInfo,
     stage: _Stage,
@@ -465,8 +480,9 @@ def _kv_bytes_per_sequence(
     batched_tokens: int,
 ) -> int:
     """Cache bytes one full-context sequence holds on one worker of a stage: whole blocks for
-    full attention, the window for sliding layers, one fixed state per recurrent layer."""
-    full_tokens = _round_up(request.max_model_len, BLOCK_SIZE)
+    full attention, the window for sliding layers, fixed state slots per recurrent layer."""
+    block, slot = hybrid_page_layout(per_layer, state_per_layer)
+    full_tokens = _round_up(request.max_model_len, block)
     sliding_layers = stage.sliding_layers if info.sliding_window else 0
     full_layers = stage.full_layers + stage.sliding_layers - sliding_layers
     # SlidingWindowSpec.max_memory_usage_bytes: the window plus one batch of new tokens, +1 block.
@@ -474,7 +490,7 @@ def _kv_bytes_per_sequence(
     sliding_tokens = (math.ceil(window_tokens / BLOCK_SIZE) + 1) * BLOCK_SIZE
     return (
         per_layer * (full_layers * full_tokens + sliding_layers * sliding_tokens)
-        + stage.recurrent_layers * state_per_layer
+        + stage.recurrent_layers * RECURRENT_STATE_SLOTS * slot
     )
 
 
@@ -679,7 +695,10 @@ def _evaluate(
             )
             stage_sequences = stage_kv // per_sequence
             per_token = stage_per_token(stage)
-            state_reserved = stage.recurrent_layers * state_per_layer * request.concurrency
+            slot = hybrid_page_layout(per_layer, state_per_layer)[1]
+            state_reserved = (
+                stage.recurrent_layers * RECURRENT_STATE_SLOTS * slot * request.concurrency
+            )
             stage_tokens = (
                 (max(stage_kv - state_reserved, 0) // (per_token * BLOCK_SIZE)) * BLOCK_SIZE
                 if per_token

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from modelship.operator.modelinfo import model_info_from_config
 from modelship.operator.sizing import (
+    RECURRENT_STATE_SLOTS,
+    hybrid_page_layout,
     kv_bytes_per_token_per_layer,
     recurrent_state_bytes_per_layer,
 )
@@ -94,3 +96,69 @@ def test_kv_cache_per_layer_matches_vllm(vllm_kv_oracle: KvCacheOracle, name: st
     assert per_token * len(attention) == sum(spec.bytes_per_token for spec in attention)
     counts = Counter(kinds)
     assert counts["sliding_attention"] == sum(s.kind == "SlidingWindowSpec" for s in specs)
+
+
+GIB = 1 << 30
+
+
+def test_dense_capacity_is_whole_blocks_of_the_per_token_size(
+    vllm_kv_oracle: KvCacheOracle,
+) -> None:
+    # Llama-3.1-8B with 4 GiB of KV cache: vLLM's token count is modelship's per-token size in
+    # whole blocks (the CPU backend's blocks are 128 tokens; GPUs use 16).
+    config = configs.LLAMA_3_1_8B
+    info = model_info_from_config(config, weights=None, parameters=1, files=None)
+    capacity = vllm_kv_oracle.capacity(config, 4 * GIB, 8192)
+    (block,) = capacity.block_sizes
+    per_token = info.num_layers * kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES)
+    assert capacity.tokens == (4 * GIB // (per_token * block)) * block
+    assert capacity.max_concurrency == capacity.tokens / 8192
+
+
+def test_hybrid_sequences_pay_tokens_in_attention_and_two_state_slots(
+    vllm_kv_oracle: KvCacheOracle,
+) -> None:
+    # Jamba-1.5-Mini, 4 GiB, 64k sequences: a sequence costs its tokens in the 4 attention layers
+    # plus RECURRENT_STATE_SLOTS state slots in each of the 28 Mamba layers (prefix caching on:
+    # mamba_cache_mode "align"), all pages padded to one size. On GPUs vLLM grows the attention
+    # block to fit a state (hybrid_page_layout); the CPU backend keeps 128-token blocks and pads
+    # the attention page instead, which is what this reproduces from modelship's sizes.
+    config = _faster(configs.JAMBA_1_5_MINI)
+    info = model_info_from_config(config, weights=None, parameters=1, files=None)
+    length = 65536
+    capacity = vllm_kv_oracle.capacity(config, 4 * GIB, length)
+    state = recurrent_state_bytes_per_layer(info, 1, MODEL_DTYPE_BYTES, CPU_SSM_STATE_BYTES)
+    block = 128
+    page = max(state, block * kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES))
+    assert set(capacity.pages) == {page}
+    kinds = info.layer_kinds()
+    attention, recurrent = kinds.count("full_attention"), len(kinds) - kinds.count("full_attention")
+    per_sequence = attention * page * (length // block) + recurrent * RECURRENT_STATE_SLOTS * page
+    assert abs(4 * GIB / per_sequence - capacity.max_concurrency) < 0.01
+
+    # On a GPU the same model keeps exact attention pages and pads the states instead.
+    per_token = kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES)
+    gpu_state = recurrent_state_bytes_per_layer(info, 1, MODEL_DTYPE_BYTES, MODEL_DTYPE_BYTES)
+    block_tokens, slot = hybrid_page_layout(per_token, gpu_state)
+    assert block_tokens % 16 == 0 and slot == block_tokens * per_token >= gpu_state
+
+
+def test_sliding_window_sequences_hold_the_window(vllm_kv_oracle: KvCacheOracle) -> None:
+    # Gemma-3-1B, 1 GiB, 32k sequences: 4 full-attention layers hold every token, 22 sliding
+    # layers the 512-token window plus one batch of new tokens. vLLM packs the layers into
+    # groups of equal size (the last sliding groups pad 3 layers to 4), so modelship's count may
+    # be a few percent above vLLM's, never below.
+    config = configs.GEMMA_3_1B
+    info = model_info_from_config(config, weights=None, parameters=1, files=None)
+    length = 32768
+    capacity = vllm_kv_oracle.capacity(config, GIB, length)
+    block = capacity.block_sizes[0]
+    per_token = kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES)
+    kinds = info.layer_kinds()
+    window = min(int(info.sliding_window or 0) - 1 + capacity.max_num_batched_tokens, length)
+    sliding_tokens = (-(-window // block) + 1) * block
+    per_sequence = per_token * (
+        kinds.count("full_attention") * length + kinds.count("sliding_attention") * sliding_tokens
+    )
+    modelship = GIB / per_sequence
+    assert capacity.max_concurrency <= modelship <= capacity.max_concurrency * 1.05

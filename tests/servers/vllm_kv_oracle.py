@@ -63,8 +63,8 @@ class KvCacheOracle:
         self._init_parallel = initialize_model_parallel
         self._destroy_parallel = destroy_model_parallel
 
-    def layer_specs(self, config: dict[str, Any], max_model_len: int = 4096) -> list[LayerSpec]:
-        """Every cache-holding layer of the model `config` describes, in layer order."""
+    def _build(self, config: dict[str, Any], max_model_len: int) -> tuple[Any, dict[str, Any]]:
+        """vLLM's config and {layer name: KVCacheSpec} for the model `config` describes."""
         config = copy.deepcopy(config)
         # The KV cache does not depend on how the weights are stored; the CPU build cannot load
         # FP8-block or MXFP4 linear layers, so the oracle builds the unquantized model.
@@ -94,25 +94,66 @@ class KvCacheOracle:
                 self._init_parallel(1, 1)
                 with self._torch.device("meta"):
                     self._initialize_model(vllm_config=vllm_config)
-            specs = []
-            context = vllm_config.compilation_config.static_forward_context
-            for name, layer in context.items():
+            specs = {}
+            for name, layer in vllm_config.compilation_config.static_forward_context.items():
                 if not hasattr(layer, "get_kv_cache_spec"):
                     continue  # MoE runners and other non-cache entries
                 spec = layer.get_kv_cache_spec(vllm_config)
-                if spec is None:
-                    continue
-                specs.append(
-                    LayerSpec(
-                        name=name,
-                        kind=type(spec).__name__,
-                        page_size_bytes=int(getattr(spec, "real_page_size_bytes", None) or 0)
-                        or int(spec.page_size_bytes),
-                        block_size=int(spec.block_size),
-                        sliding_window=getattr(spec, "sliding_window", None),
-                    )
-                )
-            return specs
+                if spec is not None:
+                    specs[name] = spec
+            return vllm_config, specs
+
+    def layer_specs(self, config: dict[str, Any], max_model_len: int = 4096) -> list[LayerSpec]:
+        """Every cache-holding layer of the model `config` describes, in layer order."""
+        _, specs = self._build(config, max_model_len)
+        return [
+            LayerSpec(
+                name=name,
+                kind=type(spec).__name__,
+                page_size_bytes=int(getattr(spec, "real_page_size_bytes", None) or 0)
+                or int(spec.page_size_bytes),
+                block_size=int(spec.block_size),
+                sliding_window=getattr(spec, "sliding_window", None),
+            )
+            for name, spec in specs.items()
+        ]
+
+    def capacity(
+        self, config: dict[str, Any], available_bytes: int, max_model_len: int
+    ) -> Capacity:
+        """What vLLM's allocator makes of `available_bytes` of KV-cache memory for this model
+        (kv_cache_utils.get_kv_cache_configs, the engine core's own call)."""
+        from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+        from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
+
+        vllm_config, specs = self._build(config, max_model_len)
+        with self._set_config(vllm_config):
+            # The engine core resolves the layout from the workers' backends before sizing.
+            resolve_kv_cache_layout(vllm_config, [["LBNHC"]], list(specs.values()))
+            kv_config = get_kv_cache_configs(vllm_config, [specs], [available_bytes])[0]
+            tokens, concurrency = get_kv_cache_capacity(vllm_config, kv_config)
+        return Capacity(
+            num_blocks=int(kv_config.num_blocks),
+            tokens=tokens,
+            max_concurrency=float(concurrency),
+            max_num_batched_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens),
+            pages=[int(group.kv_cache_spec.page_size_bytes) for group in kv_config.kv_cache_groups],
+            block_sizes=[
+                int(group.kv_cache_spec.block_size) for group in kv_config.kv_cache_groups
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """vLLM's KV-cache allocation for one worker."""
+
+    num_blocks: int
+    tokens: int  # the "KV cache size: N tokens" vLLM logs
+    max_concurrency: float  # sequences of max_model_len
+    max_num_batched_tokens: int
+    pages: list[int]  # bytes of one page, per KV-cache group
+    block_sizes: list[int]  # tokens of one block, per KV-cache group
 
 
 def _free_port() -> int:
