@@ -1,10 +1,12 @@
 """The sizing engine: `make_plan(ModelInfo, spec, Catalog) -> Plan`, a pure function.
 
-It computes, the way vLLM does, the memory one replica needs — weights for the served format,
-activation peak, runtime overhead, CUDA graphs, and the KV cache for the requested context length
-and concurrency — then enumerates placements over the catalog (instance type x accelerator count
-x tensor-parallel degree, and pipeline stages across nodes when no single node fits), rejects each
-infeasible one with a reason, and ranks the rest by cost. docs/sizing.md explains the model with a
+It computes, the way vLLM does, the memory one replica needs — weights for the served format
+(AWQ, GPTQ, compressed-tensors, block FP8, MXFP4 with their group and block sizes), activation
+peak, runtime overhead, CUDA graphs, and the cache each layer keeps for the requested context
+length and concurrency (K/V per token for full and sliding attention, a state per sequence for
+Mamba and linear attention) on the heaviest pipeline stage — then enumerates placements over the
+catalog (instance type x accelerator count x tensor-parallel degree, and spread placements over
+several EFA nodes), rejects each infeasible one with a reason, and ranks the rest by cost. docs/sizing.md explains the model with a
 worked example; every constant below names its source (shared/reference/sizing-notes.md gathers
 them with citations).
 """

@@ -1043,6 +1043,8 @@ class TestWithTheRealSizingEngine:
             # 2 x g6.12xlarge (TP 4 x PP 2) is cheaper than any one node that holds 70B bf16.
             ("LLAMA_3_70B", 70_553_706_496, {}, 2),
             ("LLAMA_3_1_405B", 405_853_388_800, {"instanceTypes": ["p5.48xlarge"]}, 2),
+            # AWS NxD Inference: 405B at TP 128 over 4 x trn1.32xlarge, 8 EFA devices each.
+            ("LLAMA_3_1_405B", 405_853_388_800, {"instanceTypes": ["trn1.32xlarge"]}, 4),
             ("LLAMA_3_8B", 8_030_261_248, {"family": "inferentia"}, 1),
             ("LLAMA_3_70B", 70_553_706_496, {"family": "trainium"}, 1),
         ],
@@ -1080,7 +1082,12 @@ class TestWithTheRealSizingEngine:
         container = runtime(pod_specs(result)[0])
         # Multi-node replicas also ask for the node's EFA devices (SN 1.7: ai-on-eks multi-node
         # blueprints request vpc.amazonaws.com/efa), on their own EFA node pool.
-        efa = {"vpc.amazonaws.com/efa": "1"} if plan.chosen.nodes > 1 else {}
+        efa = (
+            {"vpc.amazonaws.com/efa": str(plan.chosen.efa_interfaces)}
+            if plan.chosen.nodes > 1
+            else {}
+        )
+        assert (plan.chosen.efa_interfaces > 0) == (plan.chosen.nodes > 1)
         assert container["resources"]["limits"] == {
             plan.chosen.resource_name: str(plan.chosen.resource_count),
             **efa,
