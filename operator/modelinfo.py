@@ -457,6 +457,13 @@ _LAYER_KINDS: dict[str, LayerKind] = {
 }
 
 
+# Hybrids whose layer layout is not a per-layer kind list (sized as attention, with a warning).
+_UNREAD_HYBRIDS = {
+    "falcon_h1": "attention and Mamba side by side in every layer",
+    "nemotron_h": "hybrid_override_pattern",
+}
+
+
 def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[LayerKind]:
     """What each layer caches, from layer_types or the family's layer pattern."""
     layer_types = config.get("layer_types", "layers_block_type")
@@ -617,6 +624,12 @@ def model_info_from_config(
     window, window_layers = _sliding_window(cfg, overrides, num_layers, max_positions)
 
     layer_kinds = _layer_kinds(cfg, num_layers, window_layers)
+    if cfg.get("model_type") in _UNREAD_HYBRIDS:
+        warnings.append(
+            f"{cfg.get('model_type')} mixes Mamba and attention in a way modelship does not read "
+            f"yet ({_UNREAD_HYBRIDS[cfg.get('model_type')]}): every layer is sized as attention "
+            "and the Mamba state is not counted; leave headroom (spec.serving.concurrency)."
+        )
     recurrent = any(kind in ("mamba", "linear_attention") for kind in layer_kinds)
     conv_elements, ssm_elements = (
         _recurrent_state_elements(cfg, hidden_size) if recurrent else (0, 0)

@@ -847,3 +847,11 @@ def test_configs_are_not_mutated() -> None:
         from_config(config)
     assert before == configs.ALL_CONFIGS
     assert QWEN2_72B["intermediate_size"] == 29568
+
+
+def test_hybrids_modelship_cannot_lay_out_are_flagged() -> None:
+    # Falcon-H1 runs attention and Mamba side by side in each layer (vLLM falcon_h1.py): sized as
+    # attention only, which the plan says rather than hiding.
+    info = from_config({**LLAMA_3_8B, "model_type": "falcon_h1"})
+    assert any("Mamba state is not counted" in warning for warning in info.warnings)
+    assert not any("Mamba" in warning for warning in from_config(LLAMA_3_8B).warnings)
