@@ -697,15 +697,12 @@ def _evaluate(
             )
             stage_sequences = stage_kv // per_sequence
             per_token = stage_per_token(stage)
-            slot = hybrid_page_layout(per_layer, state_per_layer)[1]
-            state_reserved = (
-                stage.recurrent_layers * RECURRENT_STATE_SLOTS * slot * request.concurrency
-            )
-            stage_tokens = (
-                (max(stage_kv - state_reserved, 0) // (per_token * BLOCK_SIZE)) * BLOCK_SIZE
-                if per_token
-                else stage_sequences * request.max_model_len
-            )
+            if stage.sliding_layers or stage.recurrent_layers or not per_token:
+                # vLLM reports such a cache as max concurrency x max_model_len tokens
+                # (kv_cache_utils.get_kv_cache_capacity): windows and states count per sequence.
+                stage_tokens = stage_kv * request.max_model_len // per_sequence
+            else:
+                stage_tokens = (stage_kv // (per_token * BLOCK_SIZE)) * BLOCK_SIZE
             if binding is None or (stage_sequences, stage_tokens) < binding[:2]:
                 binding = (stage_sequences, stage_tokens, stage_kv, stage)
         assert binding is not None

@@ -135,6 +135,9 @@ def test_hybrid_sequences_pay_tokens_in_attention_and_two_state_slots(
     attention, recurrent = kinds.count("full_attention"), len(kinds) - kinds.count("full_attention")
     per_sequence = attention * page * (length // block) + recurrent * RECURRENT_STATE_SLOTS * page
     assert abs(4 * GIB / per_sequence - capacity.max_concurrency) < 0.01
+    # The "KV cache size: N tokens" vLLM logs for it is that concurrency x max_model_len, which is
+    # how the plan counts kvCacheTokens for hybrid and sliding-window models too.
+    assert abs(4 * GIB * length // per_sequence - capacity.tokens) <= 0.01 * capacity.tokens
 
     # On a GPU the same model keeps exact attention pages and pads the states instead.
     per_token = kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES)
@@ -162,3 +165,4 @@ def test_sliding_window_sequences_hold_the_window(vllm_kv_oracle: KvCacheOracle)
     )
     modelship = GIB / per_sequence
     assert capacity.max_concurrency <= modelship <= capacity.max_concurrency * 1.05
+    assert capacity.tokens <= GIB * length // per_sequence <= capacity.tokens * 1.05
