@@ -778,7 +778,10 @@ def _evaluate(
                 f"fills the Neuron compile cache; "
                 f"{_gib(neuron_compile_host_bytes(request.weight_bytes // nodes))} "
                 f"host memory to compile, more than {instance.name} has); step 2: serve on "
-                f"{instance.name} from the compiled artifacts"
+                f"{instance.name} from the compiled artifacts. The operator does not run "
+                f"step 1 yet: compile once on {compile_instance} into the runtime's Neuron "
+                f"cache (runtime.neuronCacheUri), then pin spec.accelerator.instanceTypes to "
+                f"{instance.name}"
             )
     if candidate.accelerators_per_node < instance.count:
         notes.append(
@@ -928,7 +931,7 @@ def _single_node_candidates(catalog: Catalog, instance: InstanceType) -> Iterato
             yield _Candidate(instance, accelerator, chips * cores, 1)
 
 
-def _rank_key(placement: Placement) -> tuple[bool, float, int, int, int]:
+def _rank_key(placement: Placement) -> tuple[bool, bool, float, int, int, int]:
     cost = placement.cost_per_hour_usd
     # At equal cost: fewer nodes, more KV cache; then on GPUs the placement using more of the
     # instance (more KV headroom), on Neuron the one with fewer chips (a shorter compile and the
@@ -936,6 +939,10 @@ def _rank_key(placement: Placement) -> tuple[bool, float, int, int, int]:
     chips = placement.accelerator_count
     return (
         cost is None,
+        # A Neuron placement whose node cannot compile the model comes after every placement the
+        # operator brings up on its own: the one-off compile Job on a larger instance is planned
+        # and shown, but not run by the operator yet, so it needs a Neuron cache compiled ahead.
+        placement.compile_instance_type is not None,
         cost or 0.0,
         placement.nodes,
         -placement.kv_cache_tokens,
