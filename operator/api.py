@@ -33,7 +33,22 @@ SHORT_NAMES = ["md"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 Quantization = Literal[
-    "auto", "fp32", "fp16", "bf16", "fp8", "int8", "int8-gptq", "int4", "int4-awq", "int4-gptq"
+    "auto",
+    "fp32",
+    "fp16",
+    "bf16",
+    "fp8",
+    "int8",
+    "int8-gptq",
+    "int4",
+    "int4-awq",
+    "int4-gptq",
+    "awq",
+    "gptq",
+    "compressed-tensors",
+    "w4a16",
+    "w8a8",
+    "mxfp4",
 ]
 QUANTIZATIONS: tuple[str, ...] = Quantization.__args__  # type: ignore[attr-defined]
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -165,8 +180,10 @@ class ModelSpec(_Model):
         "auto",
         description=(
             "Weight format served: auto (as the checkpoint is), fp32, fp16, bf16, fp8 (a 16-bit "
-            "checkpoint is quantized on load), int8, int8-gptq, int4 (AWQ or GPTQ), int4-awq or "
-            "int4-gptq (the checkpoint must already be quantized that way)."
+            "checkpoint is quantized on load; FP8 checkpoints, block-quantized too), int8, "
+            "int8-gptq, int4 (AWQ or GPTQ), int4-awq or int4-gptq; or the checkpoint's format "
+            "by name: awq, gptq, compressed-tensors, w4a16, w8a8, mxfp4 (gpt-oss). All but fp8 "
+            "need a checkpoint already quantized that way."
         ),
     )
     task: Literal["generate", "embed"] = Field(
@@ -324,6 +341,17 @@ class AcceleratorSpec(_Model):
     )
     max_cost_per_hour: float | None = Field(
         None, gt=0, description="Most on-demand USD per hour one replica may cost."
+    )
+    max_nodes_per_replica: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description=(
+            "Most nodes one replica may span (tensor parallel inside a node, pipeline stages or "
+            "a Trainium TP group across nodes over EFA). Default 4: AWS's largest published "
+            "single-model deployment (Llama-3.1-405B on 4 x trn1.32xlarge); each node is one "
+            "more failure point. 1 keeps every replica on one node."
+        ),
     )
     capacity_type: CapacityType = Field("on-demand", description="on-demand or spot capacity.")
 

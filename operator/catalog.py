@@ -79,12 +79,27 @@ class InstanceType(_Entry):
     memory_gib: float = Field(alias="memoryGiB", gt=0)
     network_gbps: str = Field(alias="networkGbps")
     efa: bool
+    efa_interfaces_listed: int | None = Field(None, alias="efaInterfaces", ge=1)
     usd_per_hour: float | None = Field(alias="usdPerHour", gt=0)
     price_source: str = Field(alias="priceSource")
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * GIB)
+
+    @property
+    def efa_interfaces(self) -> int:
+        """EFA devices a pod that has the node to itself requests (1 when not listed)."""
+        if not self.efa:
+            return 0
+        return self.efa_interfaces_listed or 1
+
+
+class NeuronSupport(_Entry):
+    """What vLLM on Neuron (NxD Inference) serves, with where that list comes from."""
+
+    source: str
+    architectures: list[str] = Field(min_length=1)
 
 
 class Catalog(_Entry):
@@ -93,6 +108,7 @@ class Catalog(_Entry):
     price_sources: dict[str, str] = Field(alias="priceSources")
     accelerators: dict[str, Accelerator]
     instance_types: list[InstanceType] = Field(alias="instanceTypes")
+    neuron_support: NeuronSupport = Field(alias="neuronSupport")
 
     @model_validator(mode="after")
     def _references(self) -> Catalog:
@@ -151,7 +167,7 @@ def _read(path: Path | None) -> dict[str, Any]:
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
-    for key in ("region", "priceDate"):
+    for key in ("region", "priceDate", "neuronSupport"):
         if key in override:
             merged[key] = override[key]
     merged["priceSources"] = {**base.get("priceSources", {}), **override.get("priceSources", {})}

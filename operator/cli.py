@@ -68,6 +68,7 @@ FLAG_FOR_FIELD = {
     "spec.accelerator.maxCostPerHour": "--max-cost-per-hour",
     "spec.accelerator.tensorParallelSize": "--tensor-parallel-size",
     "spec.accelerator.capacityType": "--capacity-type",
+    "spec.accelerator.maxNodesPerReplica": "--max-nodes-per-replica",
 }
 
 
@@ -159,6 +160,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "accelerator.maxCostPerHour": args.max_cost_per_hour,
         "accelerator.tensorParallelSize": args.tensor_parallel_size,
         "accelerator.capacityType": args.capacity_type,
+        "accelerator.maxNodesPerReplica": args.max_nodes_per_replica,
     }
     for path, value in flags.items():
         if value is not None:
@@ -273,6 +275,15 @@ def _accelerators(placement: Placement) -> str:
     return f"{nodes}{placement.accelerators_per_node} x {placement.accelerator_type}"
 
 
+def _hybrid_layers(model: ModelInfo) -> str:
+    """', 4 attention + 28 mamba layers' for models whose layers are not all attention."""
+    kinds = model.layer_kinds()
+    recurrent = [kind for kind in kinds if kind in ("mamba", "linear_attention")]
+    if not recurrent:
+        return ""
+    return f", {len(kinds) - len(recurrent)} attention + {len(recurrent)} {recurrent[0]} layers"
+
+
 def format_plan(plan: Plan) -> str:
     """The human-readable plan: model, needs, chosen placement, alternatives, rejections."""
     model, needs = plan.model, plan.needs
@@ -285,7 +296,8 @@ def format_plan(plan: Plan) -> str:
         f"{model.head_dim}, context {model.max_position_embeddings:,}"
         + (f", MoE {model.num_experts} experts" if model.num_experts else "")
         + (f", MLA rank {model.kv_lora_rank}" if model.kv_lora_rank else "")
-        + (f", sliding window {model.sliding_window}" if model.sliding_window else ""),
+        + (f", sliding window {model.sliding_window}" if model.sliding_window else "")
+        + _hybrid_layers(model),
         f"Needs     maxModelLen {needs.max_model_len:,} x concurrency {needs.concurrency}, "
         f"weights {needs.quantization}, KV cache {needs.kv_cache_dtype}",
     ]
@@ -304,7 +316,9 @@ def format_plan(plan: Plan) -> str:
             f"KV cache {_gib(memory.kv_cache_bytes)} (of {_gib(memory.usable_bytes)} usable)",
             f"          KV cache holds {chosen.kv_cache_tokens:,} tokens: "
             f"{chosen.max_concurrent_sequences} sequences of {needs.max_model_len:,}",
-            f"          pod: {chosen.resource_name}: {chosen.resource_count}, cpu {chosen.cpu_request}, "
+            f"          pod: {chosen.resource_name}: {chosen.resource_count}"
+            + (f", vpc.amazonaws.com/efa: {chosen.efa_interfaces}" if chosen.efa_interfaces else "")
+            + f", cpu {chosen.cpu_request}, "
             f"memory {_gib(chosen.memory_request_bytes)}, disk {_gib(chosen.ephemeral_storage_bytes)}; "
             f"ready in about {chosen.estimated_ready_seconds // 60 + 1} min after the node",
             f"          vllm serve {' '.join(chosen.engine_args)}",
@@ -552,6 +566,11 @@ def _plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cost-per-hour", help="most USD per hour per replica")
     parser.add_argument("--tensor-parallel-size", help="pin the tensor-parallel degree")
     parser.add_argument("--capacity-type", help="on-demand or spot")
+    parser.add_argument(
+        "--max-nodes-per-replica",
+        type=int,
+        help="most nodes one replica may span (default 4; 1 keeps replicas on one node)",
+    )
     parser.add_argument("--catalog", help="catalog override file (merged over the built-in one)")
     parser.add_argument(
         "--endpoint-url", help="S3 endpoint for S3-compatible stores (default: AWS_ENDPOINT_URL)"

@@ -35,7 +35,16 @@ def test_plan_table_shows_chosen_then_alternatives_then_rejected(
     capsys: pytest.CaptureFixture[str], llama_dir: Path
 ) -> None:
     code, out, _ = run(
-        capsys, "plan", "--model", str(llama_dir), "--params", "8B", "--max-model-len", "8192"
+        capsys,
+        "plan",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--max-model-len",
+        "8192",
+        "--accelerator-family",
+        "nvidia",
     )
     assert code == 0
     assert out.index("Chosen    g6.xlarge") < out.index("Alternatives") < out.index("Rejected")
@@ -53,6 +62,7 @@ def test_plan_json_and_yaml_follow_the_contract(
     data = json.loads(out)
     assert data["model"]["numKeyValueHeads"] == 8
     assert data["chosen"]["instanceType"] == "g6.xlarge"
+    assert data["chosen"]["compileInstanceType"] is None
     assert data["chosen"]["engineArgs"][:2] == ["--tensor-parallel-size", "1"]
     assert "engine" not in data["chosen"]
     assert {"instanceType", "acceleratorCount", "reason"} == set(data["rejected"][0])
@@ -81,7 +91,10 @@ def test_plan_from_a_model_deployment_file(
     code, out, _ = run(capsys, "plan", "-f", str(manifest), "-o", "json")
     assert code == 0
     chosen = json.loads(out)["chosen"]
+    # inf2.8xlarge compiles and serves (ai-on-eks blueprint); inf2.xlarge could serve from
+    # artifacts compiled elsewhere, which the operator does not do yet, so it ranks after.
     assert (chosen["instanceType"], chosen["tensorParallelSize"]) == ("inf2.8xlarge", 2)
+    assert chosen["compileInstanceType"] is None
 
 
 def test_nothing_fits_exits_2_and_says_what_would(
@@ -244,6 +257,8 @@ def test_render_in_node_group_mode_shows_the_request(
         "8B",
         "--node-pool-mode",
         "eks-nodegroup",
+        "--accelerator-family",
+        "nvidia",
     )
     assert code == 0
     assert "#   ami_type: AL2023_x86_64_NVIDIA" in out
@@ -483,3 +498,50 @@ def test_render_errors_name_flags_not_environment_variables(
     assert caught.value.code == 1
     err = capsys.readouterr().err
     assert "--autoscaler" in err and "MODELSHIP_" not in err
+
+
+def test_quantization_names_users_write_are_accepted(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Qwen/Qwen2.5-72B-Instruct-AWQ's config.json: `--quantization awq` names its format; gptq
+    # does not match it and the error says what the checkpoint is.
+    directory = tmp_path / "qwen-awq"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(configs.QWEN2_5_72B_AWQ))
+    code, out, _ = run(
+        capsys, "plan", "--model", str(directory), "--params", "72.7B", "--quantization", "awq"
+    )
+    assert code == 0, out
+    assert "weights int4-awq" in out
+    code, _, err = run(
+        capsys, "plan", "--model", str(directory), "--params", "72.7B", "--quantization", "gptq"
+    )
+    assert code == 1
+    assert "--quantization" in err and "int4-awq (awq)" in err
+
+
+def test_plan_shows_the_efa_request_and_the_neuron_compile_step(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, llama_dir: Path
+) -> None:
+    directory = tmp_path / "70b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(configs.LLAMA_3_70B))
+    code, out, _ = run(
+        capsys, "plan", "--model", str(directory), "--params", "70.6B", "--max-model-len", "8192"
+    )
+    assert code == 0
+    assert "Chosen    g6.12xlarge: 2 x 4 x NVIDIA L4, TP 4, PP 2" in out
+    assert "vpc.amazonaws.com/efa: 1" in out
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--instance-types",
+        "inf2.xlarge",
+    )
+    assert code == 0
+    assert "step 1: compile once on inf2.8xlarge" in out
+    assert "step 2: serve on inf2.xlarge" in out
