@@ -414,7 +414,10 @@ SPEC_CEL_RULES = [
 
 
 class Condition(_Model):
-    type: str = Field(..., description="Validated, Planned, CapacityReady, Available or Degraded.")
+    type: str = Field(
+        ...,
+        description="Validated, Planned, CapacityReady, Available, Degraded or KVCacheAsPredicted.",
+    )
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., description="One CamelCase word for machines.")
     message: str = Field("", description="What happened, for people.")
@@ -439,6 +442,17 @@ class PlanSummary(_Model):
     node_pool: str | None = Field(None, description="The node pool the replicas run on.")
 
 
+class KVCacheStatus(_Model):
+    predicted_tokens: int = Field(
+        ..., description="KV-cache tokens the plan predicted per replica."
+    )
+    measured_tokens: int | None = Field(
+        None,
+        description="KV-cache tokens vLLM allocated (the smallest among the replicas), from "
+        "Prometheus; see the KVCacheAsPredicted condition.",
+    )
+
+
 class ModelDeploymentStatus(_Model):
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     phase: str | None = Field(
@@ -456,6 +470,9 @@ class ModelDeploymentStatus(_Model):
         None, description="Label selector of the replicas (scale subresource)."
     )
     endpoint: str | None = Field(None, description="In-cluster OpenAI-compatible base URL.")
+    kv_cache: KVCacheStatus | None = Field(
+        None, description="KV-cache capacity: predicted by the plan, measured from vLLM."
+    )
     message: str | None = Field(None, description="What is happening, for people.")
 
 

@@ -49,6 +49,10 @@ class Accelerator(_Entry):
     memory_gib: float = Field(alias="memoryGiB", gt=0)
     compute_capability: str | None = Field(None, alias="computeCapability")
     neuron_cores: int | None = Field(None, alias="neuronCores", ge=1)
+    # Memory per accelerator (GiB) that vLLM was measured to use beyond what sizing models: the
+    # ModelDeployment condition KVCacheAsPredicted computes it from the KV cache vLLM really
+    # allocated. A catalog override records it so later plans use it (docs/sizing.md).
+    extra_overhead_gib: float = Field(0.0, alias="extraOverheadGiB", ge=0)
     bf16: bool
     fp8: bool
     note: str = ""
@@ -171,7 +175,16 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         if key in override:
             merged[key] = override[key]
     merged["priceSources"] = {**base.get("priceSources", {}), **override.get("priceSources", {})}
-    merged["accelerators"] = {**base.get("accelerators", {}), **override.get("accelerators", {})}
+    # An accelerator in the override changes only the fields it gives (e.g. extraOverheadGiB
+    # measured in the cluster); a new name adds an accelerator.
+    base_accelerators = base.get("accelerators", {})
+    merged["accelerators"] = {
+        **base_accelerators,
+        **{
+            name: {**base_accelerators.get(name, {}), **(fields or {})}
+            for name, fields in override.get("accelerators", {}).items()
+        },
+    }
     replaced = {entry.get("name"): entry for entry in override.get("instanceTypes", [])}
     merged["instanceTypes"] = [
         replaced.pop(entry["name"], entry) for entry in base.get("instanceTypes", [])

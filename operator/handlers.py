@@ -60,6 +60,7 @@ from .apply import (
 )
 from .catalog import Catalog, load_catalog
 from .config import ConfigError, OperatorConfig, check_operator_config, load_config
+from .kvfeedback import PrometheusError, measured_kv_tokens
 from .leader import LeaderElector, LeaseSettings
 from .modelinfo import ModelInfoError, inspect_model
 from .nodegroups import NodeGroups
@@ -123,6 +124,8 @@ class State:
     # them use this rather than the watched object, whose annotation and status may lag.
     acted: dict[Key, tuple[int, LastGood | None]] = field(default_factory=dict)
     workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # KV-cache tokens vLLM allocated, read from Prometheus at each resync (kvfeedback.py).
+    measured_kv: dict[Key, int] = field(default_factory=dict)
     # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
     replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
@@ -140,6 +143,7 @@ class State:
         self.failures.pop(key, None)
         self.acted.pop(key, None)
         self.replica_failures.pop(key, None)
+        self.measured_kv.pop(key, None)
         self.workloads.pop(key, None)
         with self._guard:
             self._locks.pop(key, None)
@@ -403,6 +407,7 @@ def compute_status(
             observation=observation,
             endpoint=endpoint_url(md, context.config) if md else None,
             selector=selector or None,
+            measured_kv_cache_tokens=state.measured_kv.get(key) if last else None,
         ),
         previous,
         datetime.datetime.now(tz=datetime.UTC),
@@ -707,6 +712,15 @@ def resync(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
             logger.warning("resync of %s/%s: %s", key[0], key[1], error)
         finally:
             lock.release()
+    if last is not None and context.config.prometheus_url:
+        try:
+            measured = measured_kv_tokens(context.config.prometheus_url, *key)
+        except PrometheusError as error:
+            logger.debug("no measured KV cache for %s/%s: %s", key[0], key[1], error)
+            measured = None
+        if measured is not None:
+            state.measured_kv[key] = measured
+            METRICS.set_measured_kv(key[0], key[1], measured)
     refresh(context, state, key, indexes)
 
 

@@ -678,6 +678,7 @@ def _evaluate(
         batched_tokens = max(batched_tokens, max_num_seqs)
         activations = _activation_bytes(info, tp, batched_tokens, max_num_seqs)
         overhead = NON_TORCH_BYTES_SINGLE if tp * pp == 1 else NON_TORCH_BYTES_PARALLEL
+        overhead += int(accelerator.extra_overhead_gib * GIB)  # measured, from the catalog
         graphs = 0 if request.enforce_eager else CUDA_GRAPH_BYTES
         # Every stage sizes its own cache; vLLM then takes the smallest block count of all
         # workers, so the tightest stage (most layers, embeddings or lm_head) decides.
@@ -734,7 +735,7 @@ def _evaluate(
         kv_per_token = stage_per_token(heaviest)
         kv_bytes = max_num_seqs * request.max_model_len * kv_per_token
         activations = 0
-        overhead = NEURON_RUNTIME_BYTES_PER_CORE
+        overhead = NEURON_RUNTIME_BYTES_PER_CORE + int(accelerator.extra_overhead_gib * GIB / cores)
         need = weights_per_worker + kv_bytes + overhead
         if need > device_bytes:
             raise _Infeasible(

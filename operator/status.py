@@ -45,7 +45,14 @@ from .apply import Observation
 from .plan import Placement
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("Validated", "Planned", "CapacityReady", "Available", "Degraded")
+CONDITION_TYPES = (
+    "Validated",
+    "Planned",
+    "CapacityReady",
+    "Available",
+    "Degraded",
+    "KVCacheAsPredicted",
+)
 PHASES = (
     "Pending",
     "NodeProvisioning",
@@ -109,6 +116,7 @@ class ReconcileFacts:
     endpoint: str | None = None
     desired_replicas: int | None = None
     selector: str | None = None
+    measured_kv_cache_tokens: int | None = None  # what vLLM allocated (kvfeedback.py)
 
 
 @dataclass(frozen=True)
@@ -439,6 +447,15 @@ def build_status(
         degraded = cond("Degraded", "False", "AsExpected", "")
 
     conditions = [validated, planned, capacity, available, degraded]
+    kv_cache: dict[str, Any] | None = None
+    if facts.placement is not None:
+        from .kvfeedback import verdict
+
+        kv = verdict(facts.placement, facts.measured_kv_cache_tokens)
+        conditions.append(cond("KVCacheAsPredicted", kv.status, kv.reason, kv.message))
+        kv_cache = {"predictedTokens": facts.placement.kv_cache_tokens}
+        if facts.measured_kv_cache_tokens is not None:
+            kv_cache["measuredTokens"] = facts.measured_kv_cache_tokens
     status: dict[str, Any] = {
         "observedGeneration": gen,
         "phase": phase,
@@ -451,6 +468,7 @@ def build_status(
         "replicas": desired,
         "readyReplicas": ready,
         "endpoint": facts.endpoint or previous.get("endpoint"),
+        "kvCache": kv_cache or previous.get("kvCache"),
         "message": message,
     }
     if facts.selector:
@@ -459,7 +477,12 @@ def build_status(
 
 
 # Condition states that are bad news (a Warning Event); the rest is progress (Normal).
-_WARNING_WHEN = {"Validated": "False", "Planned": "False", "Degraded": "True"}
+_WARNING_WHEN = {
+    "Validated": "False",
+    "Planned": "False",
+    "Degraded": "True",
+    "KVCacheAsPredicted": "False",
+}
 
 
 def transitions(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Transition]:

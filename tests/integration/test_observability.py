@@ -92,8 +92,9 @@ def operator_with_model(
     modelship_installed.ensure_namespace(NAMESPACE)
     ensure_runtime_service_account(modelship_installed, NAMESPACE)
     log = tmp_path_factory.mktemp("observability") / "operator.log"
+    env = {**OPERATOR_ENV, "MODELSHIP_PROMETHEUS_URL": prometheus.url}
     operator = start_operator(
-        operator_kubeconfig, OPERATOR_ENV, log, metrics_port=prometheus.operator_metrics_port
+        operator_kubeconfig, env, log, metrics_port=prometheus.operator_metrics_port
     )
     try:
         body = {
@@ -188,6 +189,37 @@ def test_every_alert_expression_has_data_without_its_threshold(scraped: Promethe
     # Their inputs exist all the same.
     assert scraped.query("modelship_operator_reconciles_total")
     assert scraped.query("modelship_operator_model_deployments")
+
+
+def test_measured_kv_cache_is_fed_back_into_status(
+    scraped: Prometheus, operator_with_model: Kube
+) -> None:
+    """The operator reads what vLLM allocated (the runtime's engine figure, through Prometheus)
+    into status beside the prediction, and says how far apart they are."""
+    (engine,) = scraped.query('modelship_runtime_kv_cache_tokens{source="engine"}')
+    measured = int(float(engine["value"][1]))
+    deadline = time.monotonic() + 60
+    md: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        md = operator_with_model.get(MD, NAMESPACE, MODEL_DEPLOYMENT) or {}
+        if ((md.get("status") or {}).get("kvCache") or {}).get("measuredTokens") == measured:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"measured KV cache never reached status: {md.get('status')}")
+    kv_cache = md["status"]["kvCache"]
+    (condition,) = [c for c in md["status"]["conditions"] if c["type"] == "KVCacheAsPredicted"]
+    predicted = kv_cache["predictedTokens"]
+    # The plan is for a GPU; vLLM here allocated what its CPU build was given.
+    apart = abs(measured - predicted) / predicted > 0.10
+    assert condition["status"] == ("False" if apart else "True"), condition
+    assert str(measured) in condition["message"] and str(predicted) in condition["message"]
+    if condition["reason"] == "BelowPlan":
+        assert "extraOverheadGiB" in condition["message"]
+    exported = (
+        f'modelship_operator_measured_kv_cache_tokens{{model_deployment="{MODEL_DEPLOYMENT}"}}'
+    )
+    wait_for(scraped, exported)
 
 
 def test_threshold_removal() -> None:
