@@ -20,11 +20,14 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any, NoReturn
 
 ENGINE_ARGS_FIELD = "spec.serving.engineArgs"
 TABLE_NAME = "vllm_options.json"
+# Beside this module (checkout, editable install and wheel); not importlib.resources, which
+# Python 3.11 cannot use on a namespace package (see catalog.py).
+TABLE_PATH = Path(__file__).resolve().parent / "data" / TABLE_NAME
 
 # Destinations (vLLM's argparse `dest`) the plan or the runtime decides, with the spec field a
 # user sets instead. A user argument that lands on one of these is refused, however it is spelled.
@@ -99,7 +102,7 @@ class OptionTable:
 @functools.cache
 def load_table() -> OptionTable:
     """The option table shipped with modelship (generated from vLLM's parser)."""
-    raw = json.loads(resources.files(__package__).joinpath("data", TABLE_NAME).read_text())
+    raw = json.loads(TABLE_PATH.read_text())
     return OptionTable(
         vllm_version=raw["vllmVersion"],
         options=tuple(

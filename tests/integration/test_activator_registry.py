@@ -1,5 +1,7 @@
-"""The activator learns the ModelDeployments it may route to from the Kubernetes API (KMock's
-emulator, `kubeconfig`), and runs as its own process: `modelship activator`."""
+"""The activator learns the ModelDeployments it may route to from the real Kubernetes control
+plane (tests/servers/kubeplane.py, manifests/install.yaml applied), with the token of the chart's
+own activator ServiceAccount: it can list ModelDeployments and write nothing. It runs as its own
+process: `modelship activator`."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import pytest
 from modelship.operator.activator import ModelRegistry, list_model_deployments
-from modelship.operator.apply import Kube
+from modelship.operator.apply import Kube, KubeApiError
 from modelship.runtime.demo import free_port
+
+from tests.servers.kubeplane import OPERATOR_NAMESPACE, ControlPlane
+
+ACTIVATOR_SERVICE_ACCOUNT = "modelship-activator"  # templates/activator.yaml, release `modelship`
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +37,61 @@ def md_object(namespace: str, name: str, replicas_min: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def kube(kubeconfig: Path) -> Kube:
-    kube = Kube(kubernetes.config.new_client_from_config(str(kubeconfig)))
+def kubeconfig(modelship_installed: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The activator's own credentials: a token of the chart's activator ServiceAccount."""
+    admin = modelship_installed.kube()
+    for namespace in ("act-a", "act-b"):
+        admin.request(
+            "POST",
+            "/api/v1/namespaces",
+            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        )
     for namespace, name, replicas_min in (
         ("act-a", "sleepy", 0),
         ("act-a", "busy", 2),
         ("act-b", "sleepy", 0),
     ):
-        kube.request(
+        admin.request(
             "POST",
             f"/apis/modelship.dev/v1alpha1/namespaces/{namespace}/modeldeployments",
             body=md_object(namespace, name, replicas_min),
         )
-    return kube
+    path = tmp_path_factory.mktemp("activator") / "kubeconfig"
+    return modelship_installed.token_kubeconfig(OPERATOR_NAMESPACE, ACTIVATOR_SERVICE_ACCOUNT, path)
+
+
+@pytest.fixture(scope="module")
+def kube(kubeconfig: Path, modelship_installed: ControlPlane) -> Kube:
+    return modelship_installed.kube(kubeconfig)
+
+
+def test_the_activator_may_read_but_never_write(kube: Kube) -> None:
+    assert kube.request("GET", "/apis/modelship.dev/v1alpha1/modeldeployments")["items"]
+    writes = [
+        (
+            "POST",
+            "/apis/modelship.dev/v1alpha1/namespaces/act-a/modeldeployments",
+            md_object("act-a", "x", 0),
+        ),
+        ("DELETE", "/apis/modelship.dev/v1alpha1/namespaces/act-a/modeldeployments/sleepy", None),
+        (
+            "POST",
+            "/api/v1/namespaces/act-a/services",
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "x"},
+                "spec": {"ports": [{"port": 1}]},
+            },
+        ),
+    ]
+    for method, path, body in writes:
+        with pytest.raises(KubeApiError) as refused:
+            kube.request(method, path, body=body)
+        assert refused.value.status == 403, (method, path)
+    with pytest.raises(KubeApiError) as secrets:
+        kube.request("GET", "/api/v1/namespaces/act-a/secrets")
+    assert secrets.value.status == 403
 
 
 def test_the_registry_lists_model_deployments_from_the_api(kube: Kube) -> None:
