@@ -40,6 +40,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from ..operator.modelinfo import ModelInfoError, read_safetensors_header
 from ..operator.source import LocalSource, ModelSource, S3Source, VolumeSource
 from .checksums import (
     CRC_FIELDS,
@@ -130,6 +131,22 @@ class FetchReport:
     file_etags: dict[str, str] = field(default_factory=dict)
 
 
+def default_connections() -> int:
+    """Parallel ranged GETs when none are asked for: 2 per usable core, from 4 to 16.
+
+    Each connection is a Python thread; on a 2-core node 16 of them spent 2-3 CPU-seconds per GB
+    handing the GIL around against 1.4 for 4 (bench/RESULTS.md), while a big node's many cores
+    and S3's ~100 MB/s per connection want 16. Counts the cores this process may use (CPU
+    affinity and the cgroup's CPU limit), not the machine's.
+    """
+    cores = float(len(os.sched_getaffinity(0)))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    return max(4, min(16, round(2 * cores)))
+
+
 def fetch_model(
     source: ModelSource,
     dest: Path,
@@ -138,7 +155,7 @@ def fetch_model(
     copy_to_local: bool = False,
     mount_root: Path = Path("/mnt/model-source"),
     endpoint_url: str | None = None,
-    max_connections: int = 16,
+    max_connections: int | None = None,
     part_size_bytes: int = 16 * MIB,
     progress_interval_seconds: float = 5.0,
     metrics: RuntimeMetrics | None = None,
@@ -157,6 +174,8 @@ def fetch_model(
     Raises FetchError (or SelectionError for a source with nothing loadable) with a message
     that names the object and the fix.
     """
+    if max_connections is None:
+        max_connections = default_connections()
     if max_connections < 1 or part_size_bytes < 1:
         raise ValueError("max_connections and part_size_bytes must be positive.")
     started = time.monotonic()
@@ -1430,6 +1449,138 @@ def _fetch_s3(
     )
 
 
+@dataclass(frozen=True)
+class StreamReport:
+    """What `prepare_stream` checked: the engine streams `weights` from `model_uri` itself."""
+
+    model_uri: str
+    local: FetchReport  # config, tokenizer and index files, fetched into the model directory
+    weights: tuple[SelectedFile, ...]
+    weight_etags: dict[str, str]
+    tensor_bytes: int
+    seconds: float
+
+
+def prepare_stream(
+    source: ModelSource,
+    dest: Path,
+    *,
+    endpoint_url: str | None = None,
+    max_connections: int | None = None,
+    metrics: RuntimeMetrics | None = None,
+    log: Callable[[str], None] = log_.info,
+    retry_attempts: int = 8,
+    retry_base_seconds: float = 0.2,
+) -> StreamReport:
+    """Get an S3 model ready for the engine to stream its weights (vLLM's runai_streamer):
+    the same selection as a fetch (safetensors only: the streamer loads nothing else), every
+    other selected file (config, tokenizer, index) fetched into `dest` and checksum-verified as
+    usual, and every weight shard's safetensors header read with a ranged GET and checked to
+    describe exactly the object's bytes. The weights' bytes go straight into the engine, so
+    their checksums are not recomputed: the store's checksum covers them at rest, TLS in
+    transit. Raises FetchError with the fix when the model cannot be streamed.
+    """
+    if not isinstance(source, S3Source):
+        raise FetchError(
+            f"{source.uri}: only s3:// models can be streamed into the engine; use "
+            "--weights land (the default) for volumes and local directories."
+        )
+    started = time.monotonic()
+    connections = max_connections or default_connections()
+    retry = _RetryPolicy(attempts=max(1, retry_attempts), base_seconds=retry_base_seconds)
+    counters = _Counters(metrics)
+    reader = _S3Reader(
+        _make_client(endpoint_url, connections),
+        source.bucket,
+        source.prefix,
+        retry,
+        counters,
+        threading.Event(),
+    )
+    listed = _list_s3(reader, source)
+    selection = select_files([(r.key, r.size_bytes) for r in listed], trust_pickle=False)
+    weights = tuple(f for f in selection.files if f.key.endswith(".safetensors"))
+    if not weights:
+        raise FetchError(
+            f"{source.uri}: no *.safetensors weights to stream (the streamer loads safetensors "
+            "only). Convert the model to safetensors, or use --weights land."
+        )
+    keys = {f.key for f in selection.files}
+    if "config.json" not in keys:
+        raise FetchError(
+            f"{source.uri}: no config.json; upload the model's config.json next to its weights."
+        )
+    if "tokenizer.json" not in keys and not {"tokenizer.model", "tokenizer_config.json"} <= keys:
+        raise FetchError(
+            f"{source.uri}: no tokenizer (tokenizer.json, or tokenizer.model with "
+            "tokenizer_config.json); upload the tokenizer files with the model."
+        )
+    by_key = {remote.key: remote for remote in listed}
+    tensor_bytes = 0
+    for weight in weights:
+        tensor_bytes += _check_remote_safetensors(reader, source, by_key[weight.key])
+    others = [f for f in selection.files if not f.key.endswith(".safetensors")]
+    dest = _prepare_dest(dest)
+    local = _run_transfer(
+        source.uri,
+        dest,
+        [by_key[f.key] for f in others],
+        Selection(tuple(others), selection.skipped),
+        reader,
+        lambda remote: _plan_checksum(reader, source, remote, True),
+        counters,
+        threading.Event(),
+        max_connections=connections,
+        part_size_bytes=16 * MIB,
+        progress_interval_seconds=60.0,
+        metrics=metrics,
+        log=log,
+        started=started,
+    )
+    seconds = time.monotonic() - started
+    log(
+        f"streaming {source.uri}: {len(weights)} safetensors shards, "
+        f"{_fmt_bytes(sum(w.size_bytes for w in weights))}, headers checked in {seconds:.2f} s; "
+        f"{len(others)} other files in {dest}"
+    )
+    return StreamReport(
+        model_uri=source.uri,
+        local=local,
+        weights=weights,
+        weight_etags={w.key: by_key[w.key].version for w in weights},
+        tensor_bytes=tensor_bytes,
+        seconds=seconds,
+    )
+
+
+def _check_remote_safetensors(reader: _S3Reader, source: S3Source, remote: _Remote) -> int:
+    """Read one shard's header with ranged GETs; check its tensors fill the object exactly."""
+    key = source.prefix + remote.key
+    uri = f"s3://{source.bucket}/{key}"
+
+    def read_range(offset: int, length: int) -> bytes:
+        length = max(0, min(length, remote.size_bytes - offset))
+        if length == 0:
+            return b""
+        buffer = bytearray(length)
+        reader.read_into(remote, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    try:
+        header = read_safetensors_header(read_range, name=uri)
+    except ModelInfoError as error:
+        raise FetchError(str(error)) from None
+    header_bytes = int.from_bytes(read_range(0, 8), "little")
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    data_bytes = remote.size_bytes - 8 - header_bytes
+    if max(ends, default=0) != data_bytes:
+        raise FetchError(
+            f"{uri}: its safetensors header describes {max(ends, default=0)} bytes of tensors "
+            f"but the object holds {data_bytes}; re-upload the shard."
+        )
+    return data_bytes
+
+
 def _copy_volume(
     uri: str,
     root: Path,
@@ -1479,6 +1630,9 @@ __all__ = [
     "FetchError",
     "FetchReport",
     "SelectionError",
+    "StreamReport",
     "UnsafeKeyError",
+    "default_connections",
     "fetch_model",
+    "prepare_stream",
 ]
