@@ -57,7 +57,15 @@ S5CMD_TUNINGS: dict[str, list[str]] = {
     "s5cmd defaults": [],
     "s5cmd -c 16 -p 16": ["cp", "--concurrency", "16", "--part-size", "16"],
     "s5cmd -c 8 -p 64": ["cp", "--concurrency", "8", "--part-size", "64"],
-    "s5cmd --numworkers 8 -c 4 -p 32": ["--numworkers", "8", "cp", "--concurrency", "4", "--part-size", "32"],
+    "s5cmd --numworkers 8 -c 4 -p 32": [
+        "--numworkers",
+        "8",
+        "cp",
+        "--concurrency",
+        "4",
+        "--part-size",
+        "32",
+    ],
 }
 
 
@@ -434,9 +442,13 @@ def contenders(selected: set[str] | None) -> list[Contender]:
 
     def s5(arguments: list[str]) -> Callable[..., Result]:
         def run(server: Server, prefix: str, total: int, dest: Path) -> Result:
-            globals_, cp = (arguments, []) if "cp" not in arguments else (
-                arguments[: arguments.index("cp")],
-                arguments[arguments.index("cp") + 1 :],
+            globals_, cp = (
+                (arguments, [])
+                if "cp" not in arguments
+                else (
+                    arguments[: arguments.index("cp")],
+                    arguments[arguments.index("cp") + 1 :],
+                )
             )
             command = [
                 s5cmd,
@@ -517,7 +529,9 @@ def main() -> None:
             servers.append(server)
             started = time.perf_counter()
             kept = upload_datasets(server, sets)
-            print(f"{server.name}: uploaded in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            print(
+                f"{server.name}: uploaded in {time.perf_counter() - started:.0f} s", file=sys.stderr
+            )
             for label, text in kept.items():
                 print(f"  {server.name} {label} keeps: {text}", file=sys.stderr)
         print(f"load average at start: {os.getloadavg()}", file=sys.stderr)

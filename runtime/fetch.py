@@ -131,22 +131,6 @@ class FetchReport:
     file_etags: dict[str, str] = field(default_factory=dict)
 
 
-def default_connections() -> int:
-    """Parallel ranged GETs when none are asked for: 2 per usable core, from 4 to 16.
-
-    Each connection is a Python thread; on a 2-core node 16 of them spent 2-3 CPU-seconds per GB
-    handing the GIL around against 1.4 for 4 (bench/RESULTS.md), while a big node's many cores
-    and S3's ~100 MB/s per connection want 16. Counts the cores this process may use (CPU
-    affinity and the cgroup's CPU limit), not the machine's.
-    """
-    cores = float(len(os.sched_getaffinity(0)))
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, int(quota) / int(period))
-    return max(4, min(16, round(2 * cores)))
-
-
 def fetch_model(
     source: ModelSource,
     dest: Path,
@@ -155,7 +139,7 @@ def fetch_model(
     copy_to_local: bool = False,
     mount_root: Path = Path("/mnt/model-source"),
     endpoint_url: str | None = None,
-    max_connections: int | None = None,
+    max_connections: int = 16,
     part_size_bytes: int = 16 * MIB,
     progress_interval_seconds: float = 5.0,
     metrics: RuntimeMetrics | None = None,
@@ -174,8 +158,6 @@ def fetch_model(
     Raises FetchError (or SelectionError for a source with nothing loadable) with a message
     that names the object and the fix.
     """
-    if max_connections is None:
-        max_connections = default_connections()
     if max_connections < 1 or part_size_bytes < 1:
         raise ValueError("max_connections and part_size_bytes must be positive.")
     started = time.monotonic()
@@ -1466,7 +1448,7 @@ def prepare_stream(
     dest: Path,
     *,
     endpoint_url: str | None = None,
-    max_connections: int | None = None,
+    max_connections: int = 16,
     metrics: RuntimeMetrics | None = None,
     log: Callable[[str], None] = log_.info,
     retry_attempts: int = 8,
@@ -1486,7 +1468,7 @@ def prepare_stream(
             "--weights land (the default) for volumes and local directories."
         )
     started = time.monotonic()
-    connections = max_connections or default_connections()
+    connections = max_connections
     retry = _RetryPolicy(attempts=max(1, retry_attempts), base_seconds=retry_base_seconds)
     counters = _Counters(metrics)
     reader = _S3Reader(
@@ -1632,7 +1614,6 @@ __all__ = [
     "SelectionError",
     "StreamReport",
     "UnsafeKeyError",
-    "default_connections",
     "fetch_model",
     "prepare_stream",
 ]

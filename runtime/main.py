@@ -137,11 +137,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Where FSx/EFS volumes are mounted.",
     )
     option("--s3-endpoint-url", help="S3 endpoint override (S3-compatible stores).")
-    option(
-        "--max-connections",
-        type=int,
-        help="Parallel S3 ranged GETs (default: 2 per usable core, from 4 to 16).",
-    )
+    option("--max-connections", type=int, default=16, help="Parallel S3 ranged GETs.")
     option(
         "--weights",
         default="land",
