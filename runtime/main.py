@@ -686,6 +686,7 @@ def local_command(
     s3_endpoint_url: str | None = None,
     predicted_kv_cache_tokens: int | None = None,
     ready_timeout_seconds: float | None = None,
+    weights: str | None = None,
 ) -> list[str]:
     """The runtime's command line on one machine (CPU, loopback): the demo, tests and benches."""
     command = [
@@ -706,6 +707,8 @@ def local_command(
         command += ["--predicted-kv-cache-tokens", str(predicted_kv_cache_tokens)]
     if ready_timeout_seconds is not None:
         command += ["--ready-timeout-seconds", str(ready_timeout_seconds)]
+    if weights is not None:
+        command += ["--weights", weights]
     return [*command, "--", *engine_args]
 
 
