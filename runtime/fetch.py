@@ -14,9 +14,7 @@ reason. Nothing is ever written outside `dest`, and never through a symlink.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Protocol, cast
 
 import boto3
 import urllib3.exceptions
@@ -42,7 +40,17 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from ..operator.modelinfo import ModelInfoError, read_safetensors_header
 from ..operator.source import LocalSource, ModelSource, S3Source, VolumeSource
+from .checksums import (
+    CRC_FIELDS,
+    SIZE_ONLY,
+    Checksum,
+    VerifyMethod,
+    crc,
+    crc_combine_all,
+    is_md5_hex,
+)
 from .metrics import RuntimeMetrics
 from .selection import (
     SelectedFile,
@@ -59,7 +67,9 @@ MIB = 1024 * 1024
 MANIFEST_NAME = ".modelship-fetch.json"
 PARTIAL_SUFFIX = ".partial"
 JOURNAL_SUFFIX = ".partial.journal"
-_JOURNAL_VERSION = 1
+# 2: each line is "<part index> <crc of the part's bytes>", written only after the part's bytes
+# were flushed to disk (fdatasync): a line is a commit record, never a promise.
+_JOURNAL_VERSION = 2
 # Error codes S3 (and S3-compatible stores) use for "try again later".
 _TRANSIENT_CODES = frozenset(
     {
@@ -81,8 +91,6 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
-
-VerifyMethod = Literal["md5", "md5-multipart", "sha256", "sha256-composite", "size"]
 
 log_ = logging.getLogger("modelship.runtime.fetch")
 
@@ -293,8 +301,23 @@ def _serve_in_place(
 # --- the manifest of completed files -------------------------------------------------------
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable (the directory entry is its own write)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Manifest:
-    """`dest/.modelship-fetch.json`: key -> size, version and how it was verified."""
+    """`dest/.modelship-fetch.json`: key -> size, version, how it was verified, and `committed`.
+
+    An entry is written only after its file's bytes were flushed (fdatasync), the file renamed
+    into place and the directory flushed; the manifest itself is flushed before it is renamed
+    over the old one. So after a node crash an entry never names a file of preallocated zeros.
+    Entries without `committed` (written by a runtime that did not flush) are not trusted.
+    """
 
     def __init__(self, dest: Path) -> None:
         self.path = dest / MANIFEST_NAME
@@ -312,8 +335,9 @@ class _Manifest:
                 self.entries = {}
 
     def is_complete(self, remote: _Remote, path: Path) -> bool:
+        """Whether `path` holds this exact object, committed to disk by an earlier fetch."""
         entry = self.entries.get(remote.key)
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or entry.get("committed") is not True:
             return False
         if entry.get("size_bytes") != remote.size_bytes or entry.get("version") != remote.version:
             return False
@@ -324,11 +348,13 @@ class _Manifest:
         return (stat.st_mode & 0o170000) == 0o100000 and stat.st_size == remote.size_bytes
 
     def record(self, remote: _Remote, verified: VerifyMethod) -> None:
+        """Record a file whose bytes and directory entry are already on disk."""
         with self.lock:
             self.entries[remote.key] = {
                 "size_bytes": remote.size_bytes,
                 "version": remote.version,
                 "verified": verified,
+                "committed": True,
             }
             self._write()
 
@@ -339,43 +365,16 @@ class _Manifest:
 
     def _write(self) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True))
+        data = json.dumps({"files": self.entries}, indent=1, sort_keys=True).encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, self.path)
-
-
-# --- checksums -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Checksum:
-    """How a completed file is verified: `segment_bytes` is the store's upload part size for
-    composite checksums (one digest per part), else the whole size."""
-
-    method: VerifyMethod
-    expected: str
-    segment_bytes: int
-
-    def new_hasher(self) -> Any:
-        return hashlib.sha256() if self.method.startswith("sha256") else hashlib.md5()
-
-    def combine(self, digests: list[bytes]) -> str:
-        if self.method == "md5":
-            return digests[0].hex()
-        if self.method == "sha256":
-            return base64.b64encode(digests[0]).decode()
-        if self.method == "md5-multipart":
-            return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
-        if self.method == "sha256-composite":
-            combined = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
-            return f"{combined}-{len(digests)}"
-        return ""
-
-
-_SIZE_ONLY: VerifyMethod = "size"
-
-
-def _is_md5_hex(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower())
+        fsync_directory(self.path.parent)
 
 
 # --- S3 ----------------------------------------------------------------------------------------
@@ -640,7 +639,7 @@ class _Aborted(Exception):
 
 @dataclass
 class _Segment:
-    """A stretch of the file hashed in order (the whole file, or one upload part)."""
+    """A stretch of the file checked as one (the whole file, or one upload part)."""
 
     parts: list[int]
     hasher: Any
@@ -650,13 +649,18 @@ class _Segment:
 
 
 class _FileJob:
-    """Download of one file into `<name>.partial`, with its journal of completed parts."""
+    """Download of one file into `<name>.partial`, with its journal of committed parts.
+
+    A part goes through three states: written (its bytes are in the page cache), committed (a
+    flush covered it and its journal line, with the part's CRC, was written) and, when every
+    part is committed and the file verifies, the file is renamed into place.
+    """
 
     def __init__(
         self,
         remote: _Remote,
         final_path: Path,
-        checksum: _Checksum,
+        checksum: Checksum,
         part_size_bytes: int,
         attempt: int = 0,
     ) -> None:
@@ -675,7 +679,8 @@ class _FileJob:
         segment_start = 0
         while segment_start < remote.size_bytes or not self.segments:
             segment_end = min(remote.size_bytes, segment_start + max(1, segment_bytes))
-            segment = _Segment(parts=[], hasher=checksum.new_hasher())
+            hasher = checksum.new_hasher() if checksum.hashed_in_order else None
+            segment = _Segment(parts=[], hasher=hasher)
             start = segment_start
             while start < segment_end:
                 end = min(segment_end, start + part_size_bytes)
@@ -687,7 +692,12 @@ class _FileJob:
             segment_start = segment_end
             if remote.size_bytes == 0:
                 break
-        self.done: set[int] = set()
+        self.part_crcs: list[int | None] = [None] * len(self.parts)
+        self.written: set[int] = set()
+        self.committed: set[int] = set()
+        # Parts an earlier run's journal claims, with their CRCs: checked against the disk
+        # before they are trusted (`check_resumed`).
+        self.claimed: dict[int, int] = {}
         self.resumed_bytes = 0
         self.fd: int | None = None
         self.journal_fd: int | None = None
@@ -700,10 +710,11 @@ class _FileJob:
             "version": self.remote.version,
             "part_size_bytes": self.part_size_bytes,
             "segment_bytes": self.checksum.segment_bytes,
+            "part_crc": self.checksum.part_crc,
         }
 
     def load_journal(self) -> None:
-        """Mark the parts a previous, interrupted run completed (same object, same layout)."""
+        """Read which parts a previous, interrupted run committed (same object, same layout)."""
         try:
             if self.partial_path.is_symlink() or self.journal_path.is_symlink():
                 raise UnsafeKeyError(
@@ -719,22 +730,55 @@ class _FileJob:
         try:
             if json.loads(lines[0]) != self.header():
                 return
-            indices = {int(line) for line in lines[1:] if line.strip()}
         except ValueError:
             return
-        self.done = {index for index in indices if 0 <= index < len(self.parts)}
-        self.resumed_bytes = sum(self.parts[i][1] - self.parts[i][0] for i in self.done)
+        claimed: dict[int, int] = {}
+        for line in lines[1:]:
+            fields = line.split()
+            # A torn last line (crash mid-write) is skipped, never half-trusted.
+            if len(fields) != 2 or not fields[0].isdigit() or not fields[1].isdigit():
+                continue
+            index = int(fields[0])
+            if 0 <= index < len(self.parts):
+                claimed[index] = int(fields[1])
+        self.claimed = claimed
+        self.resumed_bytes = sum(self.parts[i][1] - self.parts[i][0] for i in claimed)
+
+    def check_resumed(self, buffer: Callable[[int], memoryview]) -> int:
+        """Trust a claimed part only if the bytes on disk still have its journalled CRC; return
+        how many claimed parts failed (re-fetched)."""
+        assert self.fd is not None
+        rejected = 0
+        for index, expected in sorted(self.claimed.items()):
+            start, end = self.parts[index]
+            data = buffer(end - start)
+            filled = 0
+            while filled < len(data):
+                count = os.preadv(self.fd, [data[filled:]], start + filled)
+                if not count:
+                    break
+                filled += count
+            value = crc(self.checksum.part_crc, data[:filled])
+            if filled == len(data) and value == expected:
+                self.part_crcs[index] = value
+                self.written.add(index)
+                self.committed.add(index)
+            else:
+                rejected += 1
+        self.resumed_bytes = sum(self.parts[i][1] - self.parts[i][0] for i in self.committed)
+        self.claimed = {}
+        return rejected
 
     def reserved_bytes(self) -> int:
         """Disk bytes this file still needs."""
-        return self.remote.size_bytes - (self.resumed_bytes if self.done else 0)
+        return self.remote.size_bytes - (self.resumed_bytes if self.claimed else 0)
 
     def open(self) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if not self.done:
+        if not self.claimed:
             flags |= os.O_TRUNC
         self.fd = os.open(self.partial_path, flags, 0o644)
-        if not self.done:
+        if not self.claimed:
             try:
                 os.posix_fallocate(self.fd, 0, max(1, self.remote.size_bytes))
             except OSError as error:
@@ -766,6 +810,66 @@ class _FileJob:
             path.unlink(missing_ok=True)
 
 
+class _Committer:
+    """One thread that makes written parts durable: flush the file (fdatasync), then journal the
+    parts the flush covered. Batching is natural: while one flush runs, the workers keep
+    writing, and the next flush takes everything written meanwhile; so the disk is written
+    back during the download instead of all at the end, and no worker waits on a flush."""
+
+    def __init__(
+        self, on_committed: Callable[[_FileJob], None], fail: Callable[[BaseException], None]
+    ) -> None:
+        self.on_committed = on_committed
+        self.fail = fail
+        self.condition = threading.Condition()
+        self.pending: list[tuple[_FileJob, int]] = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="fetch-commit", daemon=True)
+        self.thread.start()
+
+    def add(self, job: _FileJob, index: int) -> None:
+        with self.condition:
+            self.pending.append((job, index))
+            self.condition.notify()
+
+    def stop(self) -> None:
+        """Commit what is pending, then end the thread."""
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                while not self.pending and not self.stopping:
+                    self.condition.wait()
+                batch, self.pending = self.pending, []
+                stopping = self.stopping
+            if batch:
+                try:
+                    self._commit(batch)
+                except BaseException as error:  # an I/O error on flush: the fetch fails
+                    self.fail(error)
+            if stopping and not batch:
+                return
+
+    def _commit(self, batch: list[tuple[_FileJob, int]]) -> None:
+        by_job: dict[int, tuple[_FileJob, list[int]]] = {}
+        for job, index in batch:
+            by_job.setdefault(id(job), (job, []))[1].append(index)
+        for job, indices in by_job.values():
+            if job.fd is None or job.journal_fd is None:
+                continue  # discarded after a failed verification
+            os.fdatasync(job.fd)
+            lines = "".join(f"{index} {job.part_crcs[index]}\n" for index in indices)
+            os.write(job.journal_fd, lines.encode())
+            with job.lock:
+                job.committed.update(indices)
+        for job, _ in by_job.values():
+            self.on_committed(job)
+
+
 # --- the parallel engine -----------------------------------------------------------------------
 
 
@@ -795,6 +899,7 @@ class _Engine:
         self.local = threading.local()
         self.fetched: list[str] = []
         self.jobs: list[_FileJob] = []
+        self.committer = _Committer(self._maybe_finish_guarded, self._fail)
 
     def buffer(self, size: int) -> memoryview:
         # One reusable buffer per worker: no per-part allocation of part-sized bytes.
@@ -809,14 +914,28 @@ class _Engine:
             self.pending_files += 1
             self.jobs.append(job)
         job.open()
-        if job.done:
+        if job.claimed and job.check_resumed(self.buffer):
+            # Bytes on disk differ from what the journal recorded: those parts are fetched again.
+            self.counters.add_verification_failure()
+            log_.warning(
+                "%s: resumed parts did not match their journalled CRC; fetching them again",
+                job.remote.key,
+            )
+        if job.committed:
             self.counters.add_reused(job.resumed_bytes)
-        todo = [index for index in range(len(job.parts)) if index not in job.done]
-        if job.done or not todo:
+        todo = [index for index in range(len(job.parts)) if index not in job.committed]
+        if job.committed or not todo:
             # Parts on disk from an earlier run (or none at all): hash them, finish if complete.
             self.pool.submit(self._guard, self._advance_all, job)
         for index in todo:
             self.pool.submit(self._guard, self._part, job, index)
+
+    def _fail(self, error: BaseException) -> None:
+        with self.condition:
+            if self.error is None:
+                self.error = error
+            self.abort.set()
+            self.condition.notify_all()
 
     def _guard(self, function: Callable[..., None], *args: Any) -> None:
         try:
@@ -824,11 +943,10 @@ class _Engine:
         except _Aborted:
             pass
         except BaseException as error:
-            with self.condition:
-                if self.error is None:
-                    self.error = error
-                self.abort.set()
-                self.condition.notify_all()
+            self._fail(error)
+
+    def _maybe_finish_guarded(self, job: _FileJob) -> None:
+        self._guard(self._maybe_finish, job)
 
     def _part(self, job: _FileJob, index: int) -> None:
         if self.abort.is_set():
@@ -837,17 +955,18 @@ class _Engine:
         buffer = self.buffer(end - start)
         if end > start:
             self.reader.read_into(job.remote, start, buffer)
-            assert job.fd is not None and job.journal_fd is not None
+            assert job.fd is not None
             written = 0
             while written < len(buffer):
                 written += os.pwrite(job.fd, buffer[written:], start + written)
-            # Journal after the data: a part is recorded only once its bytes are in the file.
-            os.write(job.journal_fd, f"{index}\n".encode())
             self.counters.add_bytes(end - start)
+        # While the part is still in cache: its CRC, for the journal and for CRC verification.
+        job.part_crcs[index] = crc(job.checksum.part_crc, buffer)
         with job.lock:
-            job.done.add(index)
+            job.written.add(index)
         self._advance(job, job.segment_of_part[index], index, buffer)
-        self._maybe_finish(job)
+        # Journalled only after a flush covers it: see _Committer.
+        self.committer.add(job, index)
 
     def _advance_all(self, job: _FileJob) -> None:
         for segment_index in range(len(job.segments)):
@@ -857,8 +976,8 @@ class _Engine:
     def _advance(
         self, job: _FileJob, segment_index: int, own_index: int, own_data: memoryview | None
     ) -> None:
-        """Hash the segment's completed parts in order; whoever holds the lock does the work."""
-        if job.checksum.method == _SIZE_ONLY:
+        """Hash the segment's written parts in order; whoever holds the lock does the work."""
+        if not job.checksum.hashed_in_order:
             return
         segment = job.segments[segment_index]
         while True:
@@ -867,7 +986,7 @@ class _Engine:
             try:
                 while (
                     segment.cursor < len(segment.parts)
-                    and segment.parts[segment.cursor] in job.done
+                    and segment.parts[segment.cursor] in job.written
                 ):
                     index = segment.parts[segment.cursor]
                     if index == own_index and own_data is not None:
@@ -884,18 +1003,36 @@ class _Engine:
             # A part may have completed while we held the lock and found it taken: look again.
             if (
                 segment.cursor == len(segment.parts)
-                or segment.parts[segment.cursor] not in job.done
+                or segment.parts[segment.cursor] not in job.written
             ):
+                if segment.cursor == len(segment.parts):
+                    self._maybe_finish(job)
                 return
 
     def _maybe_finish(self, job: _FileJob) -> None:
         with job.lock:
-            if job.finished or len(job.done) != len(job.parts):
+            if job.finished or len(job.committed) != len(job.parts):
                 return
-            if job.checksum.method != _SIZE_ONLY and any(s.digest is None for s in job.segments):
+            if job.checksum.hashed_in_order and any(s.digest is None for s in job.segments):
                 return
             job.finished = True
         self._finish(job)
+
+    def _actual_checksum(self, job: _FileJob) -> str:
+        if job.checksum.hashed_in_order:
+            return job.checksum.combine_digests([s.digest for s in job.segments if s.digest])
+        algorithm = job.checksum.part_crc
+        segments = [
+            crc_combine_all(
+                algorithm,
+                [
+                    (cast(int, job.part_crcs[i]), job.parts[i][1] - job.parts[i][0])
+                    for i in segment.parts
+                ],
+            )
+            for segment in job.segments
+        ]
+        return job.checksum.combine_crcs(segments)
 
     def _finish(self, job: _FileJob) -> None:
         assert job.fd is not None
@@ -903,8 +1040,8 @@ class _Engine:
         problem = None
         if actual_size != job.remote.size_bytes:
             problem = f"{actual_size} bytes on disk, {job.remote.size_bytes} expected"
-        elif job.checksum.method != _SIZE_ONLY:
-            actual = job.checksum.combine([s.digest for s in job.segments if s.digest is not None])
+        elif job.checksum.method != SIZE_ONLY:
+            actual = self._actual_checksum(job)
             if actual != job.checksum.expected:
                 problem = f"{job.checksum.method} {actual}, the store says {job.checksum.expected}"
         if problem is not None:
@@ -925,9 +1062,13 @@ class _Engine:
                 "store may be corrupt or being rewritten, or something between the pod and the "
                 "store alters data; re-upload the file and check proxies."
             )
+        # Every part was flushed by the committer; this one also covers a file with no parts.
+        os.fdatasync(job.fd)
         job.close()
         os.replace(job.partial_path, job.final_path)
+        fsync_directory(job.final_path.parent)
         job.journal_path.unlink(missing_ok=True)
+        # Only now, with bytes and name on disk, may the manifest vouch for the file.
         self.manifest.record(job.remote, job.checksum.method)
         with self.condition:
             self.fetched.append(job.remote.key)
@@ -937,6 +1078,13 @@ class _Engine:
         with self.condition:
             self.pending_files -= 1
             self.condition.notify_all()
+
+    def shutdown(self) -> None:
+        """Stop the workers, commit what they wrote (a resumed run reuses it), close the files."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.committer.stop()
+        for job in self.jobs:
+            job.close()  # after a failure; the partial files stay for the next run
 
     def wait(self, tick: Callable[[], None], interval_seconds: float) -> None:
         """Block until every file is done or one failed; call `tick` every interval."""
@@ -954,9 +1102,7 @@ class _Engine:
             self.abort.set()
             raise
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            for job in self.jobs:
-                job.close()  # after a failure; the partial files stay for the next run
+            self.shutdown()
         if self.error is not None:
             raise self.error
 
@@ -1045,8 +1191,9 @@ def _list_s3(reader: _S3Reader, source: S3Source) -> list[_Remote]:
 
 def _plan_checksum(
     reader: _S3Reader, source: S3Source, remote: _Remote, verify_checksums: bool = True
-) -> tuple[_Remote, _Checksum]:
-    """Ask the store how the object can be verified: SHA-256 when it keeps one, else the ETag."""
+) -> tuple[_Remote, Checksum]:
+    """Ask the store how the object can be verified: the cheapest checksum it keeps (a CRC, then
+    SHA-256), else the MD5 ETag, else the size alone."""
     key = source.prefix + remote.key
     head = reader.call(
         f"HEAD s3://{source.bucket}/{key}",
@@ -1062,7 +1209,7 @@ def _plan_checksum(
             "wait for the upload to finish, then re-run."
         )
     if not verify_checksums:
-        return current, _Checksum(_SIZE_ONLY, "", size_bytes)
+        return current, Checksum(SIZE_ONLY, "", size_bytes)
     sha256 = head.get("ChecksumSHA256")
     etag_is_md5 = head.get("ServerSideEncryption") not in (
         "aws:kms",
@@ -1086,20 +1233,31 @@ def _plan_checksum(
             return None
         return part_bytes
 
+    # A CRC first: computed per part in parallel and combined, ~100x cheaper than MD5.
+    for field_name, algorithm in CRC_FIELDS:
+        value = head.get(field_name)
+        if not isinstance(value, str) or not value:
+            continue
+        if "-" not in value and head.get("ChecksumType") != "COMPOSITE":
+            return current, Checksum(algorithm, value, size_bytes)
+        if "-" in value:
+            part_bytes = upload_part_bytes()
+            if part_bytes:
+                return current, Checksum(f"{algorithm}-composite", value, part_bytes)  # type: ignore[arg-type]
     if isinstance(sha256, str) and "-" not in sha256 and head.get("ChecksumType") != "COMPOSITE":
-        return current, _Checksum("sha256", sha256, size_bytes)
-    if etag_is_md5 and _is_md5_hex(etag):
-        return current, _Checksum("md5", etag.lower(), size_bytes)
-    if etag_is_md5 and "-" in etag and _is_md5_hex(etag.split("-")[0]):
+        return current, Checksum("sha256", sha256, size_bytes)
+    if etag_is_md5 and is_md5_hex(etag):
+        return current, Checksum("md5", etag.lower(), size_bytes)
+    if etag_is_md5 and "-" in etag and is_md5_hex(etag.split("-")[0]):
         part_bytes = upload_part_bytes()
         if part_bytes:
-            return current, _Checksum("md5-multipart", etag.lower(), part_bytes)
+            return current, Checksum("md5-multipart", etag.lower(), part_bytes)
     if isinstance(sha256, str) and "-" in sha256:
         part_bytes = upload_part_bytes()
         if part_bytes:
-            return current, _Checksum("sha256-composite", sha256, part_bytes)
+            return current, Checksum("sha256-composite", sha256, part_bytes)
     # SSE-KMS ETags are not MD5s and no checksum is stored: the size is all we can check.
-    return current, _Checksum(_SIZE_ONLY, "", size_bytes)
+    return current, Checksum(SIZE_ONLY, "", size_bytes)
 
 
 def _check_disk_space(dest: Path, jobs: list[_FileJob]) -> None:
@@ -1137,7 +1295,7 @@ def _run_transfer(
     remotes: list[_Remote],
     selection: Selection,
     reader: _Reader,
-    plan: Callable[[_Remote], tuple[_Remote, _Checksum]],
+    plan: Callable[[_Remote], tuple[_Remote, Checksum]],
     counters: _Counters,
     abort: threading.Event,
     *,
@@ -1163,7 +1321,7 @@ def _run_transfer(
             cache_hits += 1
             counters.add_reused(remote.size_bytes)
             verification[remote.key] = cast(
-                VerifyMethod, manifest.entries[remote.key].get("verified", _SIZE_ONLY)
+                VerifyMethod, manifest.entries[remote.key].get("verified", SIZE_ONLY)
             )
         else:
             to_fetch.append((remote, path))
@@ -1191,7 +1349,7 @@ def _run_transfer(
                 engine.submit(job)
         except BaseException:
             abort.set()
-            engine.pool.shutdown(wait=True, cancel_futures=True)
+            engine.shutdown()
             raise
         engine.wait(progress.tick, progress_interval_seconds)
 
@@ -1273,6 +1431,138 @@ def _fetch_s3(
     )
 
 
+@dataclass(frozen=True)
+class StreamReport:
+    """What `prepare_stream` checked: the engine streams `weights` from `model_uri` itself."""
+
+    model_uri: str
+    local: FetchReport  # config, tokenizer and index files, fetched into the model directory
+    weights: tuple[SelectedFile, ...]
+    weight_etags: dict[str, str]
+    tensor_bytes: int
+    seconds: float
+
+
+def prepare_stream(
+    source: ModelSource,
+    dest: Path,
+    *,
+    endpoint_url: str | None = None,
+    max_connections: int = 16,
+    metrics: RuntimeMetrics | None = None,
+    log: Callable[[str], None] = log_.info,
+    retry_attempts: int = 8,
+    retry_base_seconds: float = 0.2,
+) -> StreamReport:
+    """Get an S3 model ready for the engine to stream its weights (vLLM's runai_streamer):
+    the same selection as a fetch (safetensors only: the streamer loads nothing else), every
+    other selected file (config, tokenizer, index) fetched into `dest` and checksum-verified as
+    usual, and every weight shard's safetensors header read with a ranged GET and checked to
+    describe exactly the object's bytes. The weights' bytes go straight into the engine, so
+    their checksums are not recomputed: the store's checksum covers them at rest, TLS in
+    transit. Raises FetchError with the fix when the model cannot be streamed.
+    """
+    if not isinstance(source, S3Source):
+        raise FetchError(
+            f"{source.uri}: only s3:// models can be streamed into the engine; use "
+            "--weights land (the default) for volumes and local directories."
+        )
+    started = time.monotonic()
+    connections = max_connections
+    retry = _RetryPolicy(attempts=max(1, retry_attempts), base_seconds=retry_base_seconds)
+    counters = _Counters(metrics)
+    reader = _S3Reader(
+        _make_client(endpoint_url, connections),
+        source.bucket,
+        source.prefix,
+        retry,
+        counters,
+        threading.Event(),
+    )
+    listed = _list_s3(reader, source)
+    selection = select_files([(r.key, r.size_bytes) for r in listed], trust_pickle=False)
+    weights = tuple(f for f in selection.files if f.key.endswith(".safetensors"))
+    if not weights:
+        raise FetchError(
+            f"{source.uri}: no *.safetensors weights to stream (the streamer loads safetensors "
+            "only). Convert the model to safetensors, or use --weights land."
+        )
+    keys = {f.key for f in selection.files}
+    if "config.json" not in keys:
+        raise FetchError(
+            f"{source.uri}: no config.json; upload the model's config.json next to its weights."
+        )
+    if "tokenizer.json" not in keys and not {"tokenizer.model", "tokenizer_config.json"} <= keys:
+        raise FetchError(
+            f"{source.uri}: no tokenizer (tokenizer.json, or tokenizer.model with "
+            "tokenizer_config.json); upload the tokenizer files with the model."
+        )
+    by_key = {remote.key: remote for remote in listed}
+    tensor_bytes = 0
+    for weight in weights:
+        tensor_bytes += _check_remote_safetensors(reader, source, by_key[weight.key])
+    others = [f for f in selection.files if not f.key.endswith(".safetensors")]
+    dest = _prepare_dest(dest)
+    local = _run_transfer(
+        source.uri,
+        dest,
+        [by_key[f.key] for f in others],
+        Selection(tuple(others), selection.skipped),
+        reader,
+        lambda remote: _plan_checksum(reader, source, remote, True),
+        counters,
+        threading.Event(),
+        max_connections=connections,
+        part_size_bytes=16 * MIB,
+        progress_interval_seconds=60.0,
+        metrics=metrics,
+        log=log,
+        started=started,
+    )
+    seconds = time.monotonic() - started
+    log(
+        f"streaming {source.uri}: {len(weights)} safetensors shards, "
+        f"{_fmt_bytes(sum(w.size_bytes for w in weights))}, headers checked in {seconds:.2f} s; "
+        f"{len(others)} other files in {dest}"
+    )
+    return StreamReport(
+        model_uri=source.uri,
+        local=local,
+        weights=weights,
+        weight_etags={w.key: by_key[w.key].version for w in weights},
+        tensor_bytes=tensor_bytes,
+        seconds=seconds,
+    )
+
+
+def _check_remote_safetensors(reader: _S3Reader, source: S3Source, remote: _Remote) -> int:
+    """Read one shard's header with ranged GETs; check its tensors fill the object exactly."""
+    key = source.prefix + remote.key
+    uri = f"s3://{source.bucket}/{key}"
+
+    def read_range(offset: int, length: int) -> bytes:
+        length = max(0, min(length, remote.size_bytes - offset))
+        if length == 0:
+            return b""
+        buffer = bytearray(length)
+        reader.read_into(remote, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    try:
+        header = read_safetensors_header(read_range, name=uri)
+    except ModelInfoError as error:
+        raise FetchError(str(error)) from None
+    header_bytes = int.from_bytes(read_range(0, 8), "little")
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    data_bytes = remote.size_bytes - 8 - header_bytes
+    if max(ends, default=0) != data_bytes:
+        raise FetchError(
+            f"{uri}: its safetensors header describes {max(ends, default=0)} bytes of tensors "
+            f"but the object holds {data_bytes}; re-upload the shard."
+        )
+    return data_bytes
+
+
 def _copy_volume(
     uri: str,
     root: Path,
@@ -1305,7 +1595,7 @@ def _copy_volume(
         remotes,
         selection,
         _VolumeReader(root),
-        lambda remote: (remote, _Checksum(_SIZE_ONLY, "", remote.size_bytes)),
+        lambda remote: (remote, Checksum(SIZE_ONLY, "", remote.size_bytes)),
         counters,
         threading.Event(),
         max_connections=max_connections,
@@ -1322,6 +1612,8 @@ __all__ = [
     "FetchError",
     "FetchReport",
     "SelectionError",
+    "StreamReport",
     "UnsafeKeyError",
     "fetch_model",
+    "prepare_stream",
 ]

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 import boto3
 
 from ..operator.source import S3Source, parse_source
-from .fetch import DiskSpaceError, FetchReport, fetch_model
+from .fetch import DiskSpaceError, FetchReport, StreamReport, fetch_model, prepare_stream
 from .launch import (
     KvCacheCapacity,
     KvCacheGauge,
@@ -45,6 +45,7 @@ from .launch import (
     LaunchSpec,
     SupervisedProcess,
     VllmProcess,
+    build_command,
 )
 from .metrics import RuntimeMetrics, start_metrics_server
 from .multinode import (
@@ -145,11 +146,22 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     option("--s3-endpoint-url", help="S3 endpoint override (S3-compatible stores).")
     option("--max-connections", type=int, default=16, help="Parallel S3 ranged GETs.")
     option(
+        "--weights",
+        default="land",
+        choices=["land", "stream", "auto"],
+        help="land: fetch the weights to disk (--model-dir or --node-cache), then vLLM loads "
+        "them; stream: vLLM's runai_streamer reads the safetensors straight from S3 into memory "
+        "(s3:// only; config and tokenizer are still fetched and verified); auto: stream an "
+        "s3:// model when there is no --node-cache (nothing on the node would reuse a landed "
+        "copy), else land.",
+    )
+    option(
         "--verify",
         default="checksum",
         choices=["checksum", "size"],
-        help="How downloads are checked: checksum (SHA-256 / MD5 / multipart ETag recomputed, "
-        "the default) or size (what s5cmd and boto3 check; saves CPU on small nodes).",
+        help="How downloads are checked: checksum (the store's CRC64NVME/CRC32C/CRC32 or "
+        "SHA-256 when it keeps one, else its MD5 ETag; the default) or size (what s5cmd and "
+        "boto3 check).",
     )
     option("--neuron-cache", help="Neuron compile cache: s3://bucket/prefix or a volume path.")
     option(
@@ -286,6 +298,48 @@ def _fetch_into(args: argparse.Namespace, metrics: RuntimeMetrics, model_dir: Pa
     )
 
 
+def weights_mode(args: argparse.Namespace) -> str:
+    """`land` or `stream` for this pod: --weights, with `auto` resolved (see its help)."""
+    if args.weights != "auto":
+        return str(args.weights)
+    is_s3 = str(args.source).startswith("s3://")
+    return "stream" if is_s3 and args.node_cache is None and args.role is None else "land"
+
+
+def _prepare_stream(args: argparse.Namespace, metrics: RuntimeMetrics) -> StreamReport:
+    return prepare_stream(
+        parse_source(args.source, field="--source"),
+        args.model_dir,
+        endpoint_url=args.s3_endpoint_url,
+        max_connections=args.max_connections,
+        metrics=metrics,
+    )
+
+
+def stream_command(command: Sequence[str], model_uri: str, tokenizer_dir: Path) -> list[str]:
+    """vLLM's command line with the weights streamed from `model_uri` (runai_streamer) and the
+    tokenizer read from the fetched, verified local copy."""
+    streamed = list(command)
+    for flag in ("--load-format", "--tokenizer"):
+        if any(arg == flag or arg.startswith(flag + "=") for arg in streamed):
+            raise LaunchError(
+                f"engine args: {flag} is set by the runtime with --weights stream; remove it "
+                "from the engine arguments after '--', or use --weights land."
+            )
+    streamed[streamed.index("--model") + 1] = model_uri
+    return [*streamed, "--load-format", "runai_streamer", "--tokenizer", str(tokenizer_dir)]
+
+
+def stream_environment(env: Mapping[str, str], endpoint_url: str | None) -> dict[str, str]:
+    """What runai_streamer needs beyond the pod's AWS credentials: an S3-compatible endpoint
+    is addressed by path, not by virtual host."""
+    streamed = dict(env)
+    if endpoint_url:
+        streamed.setdefault("AWS_ENDPOINT_URL", endpoint_url)
+        streamed.setdefault("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")
+    return streamed
+
+
 def _exit_code(code: int) -> int:
     # A child killed by signal N reports -N; a shell would say 128 + N.
     return 128 - code if code < 0 else code
@@ -387,8 +441,24 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
                 else None
             )
             target = node_cache.model_dir(args.source) if node_cache else args.model_dir
-            log.info("fetching %s into %s", args.source, target)
-            report = _fetch(args, metrics, node_cache)
+            stream: StreamReport | None = None
+            if weights_mode(args) == "stream":
+                if args.model_dir is None:
+                    raise VerifyError(
+                        "--weights stream needs --model-dir for the config and tokenizer (a "
+                        "node cache is for landed weights); pass --model-dir or --weights land."
+                    )
+                log.info(
+                    "streaming the weights of %s; config and tokenizer into %s",
+                    args.source,
+                    args.model_dir,
+                )
+                stream = _prepare_stream(args, metrics)
+                etags = {**stream.local.file_etags, **stream.weight_etags}
+                report = replace(stream.local, file_etags=etags)
+            else:
+                log.info("fetching %s into %s", args.source, target)
+                report = _fetch(args, metrics, node_cache)
             model_dir = Path(report.model_dir)
             fetch_summary = {
                 "model_dir": str(model_dir),
@@ -412,14 +482,23 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
             step = "verify"
             metrics.set_phase("verifying")
             status.update(phase="verifying", fetch=fetch_summary)
-            verified = verify_model_dir(model_dir, trust_pickle=args.trust_pickle)
-            log.info(
-                "verified %s: %s, %d weight file(s), %d bytes of tensors",
-                model_dir,
-                verified.architecture,
-                len(verified.weight_files),
-                verified.weight_bytes,
-            )
+            if stream is None:
+                verified = verify_model_dir(model_dir, trust_pickle=args.trust_pickle)
+                log.info(
+                    "verified %s: %s, %d weight file(s), %d bytes of tensors",
+                    model_dir,
+                    verified.architecture,
+                    len(verified.weight_files),
+                    verified.weight_bytes,
+                )
+            else:
+                # prepare_stream checked the package and every shard's header over S3.
+                log.info(
+                    "verified %s for streaming: %d safetensors shard(s), %d bytes of tensors",
+                    stream.model_uri,
+                    len(stream.weights),
+                    stream.tensor_bytes,
+                )
 
             metrics.set_phase("starting")
             status.update(phase="starting")
@@ -441,7 +520,7 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
                     status.update(ray_nodes_alive=alive)
                 step = "start"
                 cache, cache_key = _restore_neuron_cache(args, engine_args, report, model_dir)
-                vllm = _start_vllm(args, engine_args, model_dir, kv_gauge, status)
+                vllm = _start_vllm(args, engine_args, model_dir, kv_gauge, status, stream)
                 process = vllm
                 vllm.wait_until_healthy(args.ready_timeout_seconds)
                 _mark_ready(args, metrics, status, started, vllm)
@@ -549,8 +628,10 @@ def _start_vllm(
     model_dir: Path,
     kv_gauge: KvCacheGauge,
     status: StatusFile,
+    stream: StreamReport | None = None,
 ) -> VllmProcess:
-    """Start vLLM as a supervised child; its KV-cache line sets the engine gauge."""
+    """Start vLLM as a supervised child; its KV-cache line sets the engine gauge. With
+    `stream`, vLLM streams the weights from S3 and reads config and tokenizer from `model_dir`."""
 
     def on_kv_cache(capacity: KvCacheCapacity) -> None:
         kv_gauge.set_engine(capacity.tokens)
@@ -572,7 +653,15 @@ def _start_vllm(
         neuron_visible_cores=args.neuron_visible_cores,
         cpu_kv_cache_gib=args.cpu_kv_cache_gib,
     )
-    process = VllmProcess(spec, on_kv_cache=on_kv_cache)
+    if stream is None:
+        process = VllmProcess(spec, on_kv_cache=on_kv_cache)
+    else:
+        process = VllmProcess(
+            spec,
+            on_kv_cache=on_kv_cache,
+            command=stream_command(build_command(spec), stream.model_uri, model_dir),
+            env=stream_environment(os.environ, args.s3_endpoint_url),
+        )
     log.info("starting vLLM: %s", shlex.join(process.command))
     process.start()
     status.update(vllm_pid=process.pid)
@@ -619,6 +708,7 @@ def local_command(
     s3_endpoint_url: str | None = None,
     predicted_kv_cache_tokens: int | None = None,
     ready_timeout_seconds: float | None = None,
+    weights: str | None = None,
 ) -> list[str]:
     """The runtime's command line on one machine (CPU, loopback): the demo, tests and benches."""
     command = [
@@ -639,6 +729,8 @@ def local_command(
         command += ["--predicted-kv-cache-tokens", str(predicted_kv_cache_tokens)]
     if ready_timeout_seconds is not None:
         command += ["--ready-timeout-seconds", str(ready_timeout_seconds)]
+    if weights is not None:
+        command += ["--weights", weights]
     return [*command, "--", *engine_args]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 from modelship.operator.source import parse_source
+from modelship.runtime.checksums import crc
 from modelship.runtime.fetch import JOURNAL_SUFFIX, PARTIAL_SUFFIX, FetchError, fetch_model
 from modelship.runtime.metrics import RuntimeMetrics
 from modelship.runtime.selection import UnsafeKeyError
@@ -223,16 +224,22 @@ def test_corrupted_partial_is_detected_and_fetched_again(
     journal = dest / ("model.safetensors" + JOURNAL_SUFFIX)
     assert partial.exists() and journal.exists()
     header = json.loads(journal.read_text().splitlines()[0])
-    # Mark the first two parts done while their bytes on disk are wrong: a corrupted partial.
-    with partial.open("r+b") as file:
-        file.write(b"\x00" * (8 * MIB))
+    # The journal says parts 0 and 1 were committed, with the right CRCs, but the disk holds the
+    # preallocated zeros: what a crash leaves if a journal line ever got ahead of its data.
     with journal.open("a") as file:
-        file.write("0\n1\n")
+        for index in (0, 1):
+            part = blob[index * 4 * MIB : (index + 1) * 4 * MIB]
+            file.write(f"{index} {crc(header['part_crc'], part)}\n")
     assert header["size_bytes"] == len(blob)
+    assert partial.read_bytes()[: 8 * MIB] == b"\x00" * (8 * MIB)
 
     metrics = RuntimeMetrics()
-    report = fetch(s3_env, prefix, dest, metrics=metrics, part_size_bytes=4 * MIB)
+    # Size-only verification: the journal's CRCs alone must catch the zeros.
+    report = fetch(
+        s3_env, prefix, dest, metrics=metrics, part_size_bytes=4 * MIB, verify_checksums=False
+    )
     assert report.verification_failures == 1
+    assert report.bytes_reused == len(CONFIG) and report.bytes_fetched == len(blob)
     assert sample(metrics, "modelship_runtime_fetch_verification_failures_total") == 1
     assert (dest / "model.safetensors").read_bytes() == blob
 

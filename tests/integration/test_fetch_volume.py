@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from modelship.operator.source import parse_source
+from modelship.runtime.checksums import crc
 from modelship.runtime.fetch import PARTIAL_SUFFIX, FetchError, fetch_model
 from modelship.runtime.metrics import RuntimeMetrics
 from modelship.runtime.selection import SelectionError
@@ -104,13 +105,20 @@ def test_copy_resumes_from_a_partial_file(tmp_path: Path) -> None:
     os.replace(final, partial)
     stat = (mount_root / "llama" / name).stat()
     header = {
-        "journal": 1,
+        "journal": 2,
         "size_bytes": stat.st_size,
         "version": f"mtime_ns:{stat.st_mtime_ns}",
         "part_size_bytes": MIB,
         "segment_bytes": stat.st_size,
+        "part_crc": "crc32c",
     }
-    (dest / (name + ".partial.journal")).write_text(json.dumps(header) + "\n0\n1\n")
+    # Each journal line is a commit record: the part's index and the CRC32C of its bytes.
+    lines = [
+        f"{index} {crc('crc32c', files[name][index * MIB : (index + 1) * MIB])}" for index in (0, 1)
+    ]
+    (dest / (name + ".partial.journal")).write_text(
+        json.dumps(header) + "\n" + "\n".join(lines) + "\n"
+    )
     report = fetch_model(
         source, dest, mount_root=mount_root, copy_to_local=True, part_size_bytes=MIB
     )
