@@ -126,6 +126,11 @@ class State:
     # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
     replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
+    # The status this process last wrote, with the resourceVersion the write returned. The
+    # watched object lags behind our own writes; comparing with it made every child event in
+    # that window rewrite the same status and post its Events again (~14 writes and ~28 Events
+    # per new ModelDeployment on a real API server).
+    written: dict[Key, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
@@ -141,6 +146,7 @@ class State:
         self.acted.pop(key, None)
         self.replica_failures.pop(key, None)
         self.workloads.pop(key, None)
+        self.written.pop(key, None)
         with self._guard:
             self._locks.pop(key, None)
 
@@ -421,6 +427,28 @@ def post_events(body: Mapping[str, Any], update: StatusUpdate) -> None:
     METRICS.set_phase(f"{meta['namespace']}/{meta['name']}", update.status["phase"])
 
 
+def _resource_version(obj: Mapping[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # opaque by contract; etcd's are integers
+        return 0
+
+
+def previous_status(state: State, key: Key, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The newest status known: the watched object's, unless our own later write is not in it
+    yet (a hand edit after our write is newer and is used)."""
+    written = state.written.get(key)
+    if written is None or _resource_version(body) >= written[0]:
+        return body.get("status")
+    return written[1]
+
+
+def write_status(context: Context, state: State, key: Key, status: dict[str, Any]) -> None:
+    """Patch the status subresource and remember what was written (see State.written)."""
+    answer = context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": status}, "status")
+    state.written[key] = (_resource_version(answer), answer.get("status") or status)
+
+
 def _status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     old = old or {}
     return any(old.get(key) != value for key, value in new.items())
@@ -479,8 +507,7 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
                 my_pools(drained),
             )
             last = drained
-        # Compared with what the watch last saw stored: a write that raced another is redone.
-        previous = body.get("status")
+        previous = previous_status(state, key, body)
         update = compute_status(
             context,
             state,
@@ -493,7 +520,7 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
             previous,
         )
         if _status_changed(previous, update.status):
-            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
+            write_status(context, state, key, update.status)
             post_events(body, update)
     except KubeApiError as error:
         logger.warning("could not refresh %s/%s: %s", key[0], key[1], error)
@@ -661,7 +688,7 @@ def reconcile(
             annotations = dict(body["metadata"].get("annotations") or {})
             annotations[LAST_GOOD] = last.annotation()
             view["metadata"]["annotations"] = annotations
-        previous = body.get("status")
+        previous = previous_status(state, key, body)
         update = compute_status(
             context,
             state,
@@ -676,7 +703,7 @@ def reconcile(
         # Written now, under the lock, not by kopf after the handler returns: a refresh that runs
         # in between would otherwise be overwritten by this older view.
         try:
-            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
+            write_status(context, state, key, update.status)
         except KubeApiError as error:
             logger.warning("could not write the status of %s/%s: %s", key[0], key[1], error)
         state.acted[key] = (generation, last)

@@ -323,8 +323,17 @@ def _ready(plane: ControlPlane, path: str) -> bool:
         return False
 
 
-def start_control_plane(folder: Path, assets: Path) -> ControlPlane:
-    """Start etcd, the API server, the controller manager and the scheduler; wait until ready."""
+def start_control_plane(
+    folder: Path,
+    assets: Path,
+    audit_policy_file: Path | None = None,
+    audit_log_path: Path | None = None,
+) -> ControlPlane:
+    """Start etcd, the API server, the controller manager and the scheduler; wait until ready.
+
+    With `audit_policy_file` and `audit_log_path` the API server writes an audit log (JSON lines)
+    by that policy: bench/reconcile_bench.py counts an operator's requests exactly with it.
+    """
     etcd = shutil.which("etcd")
     if etcd is None:
         raise RuntimeError("etcd is not installed: apt-get install etcd-server")
@@ -386,6 +395,15 @@ def start_control_plane(folder: Path, assets: Path) -> ControlPlane:
             "--authorization-mode=Node,RBAC",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--cert-dir={folder / 'apiserver-certs'}",
+            *(
+                [
+                    f"--audit-policy-file={audit_policy_file}",
+                    f"--audit-log-path={audit_log_path}",
+                    "--audit-log-maxsize=0",  # never rotate: the reader expects one file
+                ]
+                if audit_policy_file and audit_log_path
+                else []
+            ),
         ],
     )
     try:
