@@ -236,6 +236,7 @@ def run_round(
     try:
         time.sleep(2)  # watch streams established
         before = proc_figures(pid)
+        result["rss_start_mib"] = before["rss_mib"]
         wall_start, started = time.time(), time.monotonic()
         created = create_all(kube, namespace, size, uri, noop=which == "noop")
         result["create_seconds"] = round(max(created.values()) - started, 2)
