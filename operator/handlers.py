@@ -127,6 +127,10 @@ class State:
     # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
     replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
+    # Pool applies in flight and the latest combination wanted of each (see sync_pools).
+    pool_busy: set[str] = field(default_factory=set)
+    pool_wanted: dict[str, tuple[list[dict[str, Any]], str, bool]] = field(default_factory=dict)
+    pool_guard: threading.Lock = field(default_factory=threading.Lock)
     # The status this process last wrote, with the resourceVersion the write returned. The
     # watched object lags behind our own writes; comparing with it made every child event in
     # that window rewrite the same status and post its Events again (~14 writes and ~28 Events
@@ -353,8 +357,32 @@ def sync_pools(
         fingerprint = json.dumps(merged, sort_keys=True)
         if not force and state.applied_pools.get(pool) == fingerprint:
             continue
-        sync_pool(context.kube, pool, merged)
-        state.applied_pools[pool] = fingerprint
+        # A shared pool changes with every new user (its limits add up). Applies of one pool
+        # are coalesced: while a thread applies it, others leave their newer combination and
+        # go on; the applying thread applies the latest before it lets go. Every user waiting
+        # on a global lock for its own apply serialized reconciles (1000 created at once: ~20
+        # of the 32 workers parked there).
+        with state.pool_guard:
+            earlier = state.pool_wanted.get(pool)  # a forced restore is not dropped
+            state.pool_wanted[pool] = (merged, fingerprint, force or bool(earlier and earlier[2]))
+            if pool in state.pool_busy:
+                continue
+            state.pool_busy.add(pool)
+        try:
+            while True:
+                with state.pool_guard:
+                    wanted = state.pool_wanted.pop(pool, None)
+                    if wanted is None:
+                        state.pool_busy.discard(pool)
+                        break
+                objects, printed, forced = wanted
+                if forced or state.applied_pools.get(pool) != printed:
+                    sync_pool(context.kube, pool, objects)
+                    state.applied_pools[pool] = printed
+        except BaseException:
+            with state.pool_guard:
+                state.pool_busy.discard(pool)
+            raise
 
 
 def my_pools(last: LastGood | None) -> dict[str, tuple[Placement, int]]:
