@@ -1,166 +1,438 @@
-"""Reconcile throughput and latency of the operator against KMock, for 1, 100 and 1000
-ModelDeployments, and the operator's memory at 1000.
+"""Reconcile throughput, latency, memory, CPU and idle API load of the operator on a real
+Kubernetes control plane, side by side with a no-op kopf operator (bench/noop_operator.py).
 
-The operator runs as its own process (`run_operator`, what `modelship operator` runs), pointed at
-KMock's emulator (tests/servers/kube.py) on 127.0.0.1 in this process. Each round creates N
-ModelDeployments (one client, as fast as the API answers) in a fresh namespace and polls until
-every one has its status written (plan and phase); latency = status seen - create returned.
-The tiny offline model is served from file:// so inspection reads a real config.json and
-safetensors header each time.
+One run starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler v1.36
+(tests/servers/kubeplane.py, assets from MODELSHIP_KUBE_ASSETS or ../shared/kube) with an audit
+log of the two operators' ServiceAccounts, applies manifests/install.yaml, starts SeaweedFS
+(`weed mini`) and uploads the tiny offline model (runtime/tinymodel.py) to it. Then, for each
+size, rounds alternate: the no-op operator, then `modelship operator` (each its own process with
+a ServiceAccount token, started for its round and stopped after it). A round creates N
+ModelDeployments of `s3://models/tiny` at once (8 client threads) in a fresh namespace and polls
+every max(0.5, N/250) s until each is reconciled: modelship's has `status.plan` and its Deployment exists,
+the no-op's has `status.benchNoop`. Latency = reconciled seen - create returned.
 
-    .venv/bin/python bench/reconcile_bench.py [--sizes 1,100,1000] [--resync-seconds 60]
+Figures per round: time until all are reconciled, rate (N / that time), p50/p95 latency, the
+operator's RSS (peak and at the end) and CPU seconds, its API requests (audit events at stage
+ResponseComplete by its ServiceAccount) per reconcile, and for modelship the steady state: its
+requests per second over `--steady-seconds` with every ModelDeployment idle.
+
+    PYTHONPATH=$PWD/.dev:$PWD python bench/reconcile_bench.py [--sizes 100,1000]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import collections
+import concurrent.futures
+import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kubernetes
-from modelship.operator.apply import Kind, Kube
+import yaml
+from modelship.operator.apply import DEPLOYMENT, MD_LABEL, Kind, Kube
+from modelship.runtime import demo
 from modelship.runtime.tinymodel import build_tiny_model
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers.kubeplane import (
+    INSTALL_YAML,
+    NAMESPACE,
+    OPERATOR_NAMESPACE,
+    OPERATOR_SERVICE_ACCOUNT,
+    ControlPlane,
+    crd_schema_dir,
+    free_port,
+    install_crds,
+    kube_assets,
+    start_control_plane,
+    start_operator,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
+EVENT = Kind("v1", "Event", "events", True)
+NOOP_SERVICE_ACCOUNT = "bench-noop"
+NOOP_LABEL = "bench.modelship.dev/operator"
+USERS = {
+    "modelship": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}",
+    "noop": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{NOOP_SERVICE_ACCOUNT}",
+}
+S3_KEY, S3_SECRET = "benchkey", "benchsecret"
 
 
-def _load_kube_server() -> Any:
-    # The repository root cannot go on sys.path (its operator/ would shadow the stdlib module).
-    spec = importlib.util.spec_from_file_location(
-        "modelship_kube_server", ROOT / "tests/servers/kube.py"
+def audit_policy(path: Path) -> Path:
+    """Metadata-level events for the two operators only (everything else would swamp the log)."""
+    policy = {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {"level": "Metadata", "users": sorted(USERS.values())},
+            {"level": "None"},
+        ],
+    }
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@dataclass
+class Audit:
+    """Reads the API server's audit log (JSON lines) for one user's completed requests."""
+
+    path: Path
+
+    def events(self, user: str, start: float, end: float) -> list[dict[str, Any]]:
+        """Completed requests by `user` received in [start, end] (wall-clock seconds)."""
+        found = []
+        if not self.path.exists():
+            return found
+        with self.path.open() as lines:
+            for line in lines:
+                event = json.loads(line)
+                if event.get("stage") != "ResponseComplete":
+                    continue
+                if event.get("user", {}).get("username") != user:
+                    continue
+                received = datetime.datetime.fromisoformat(
+                    event["requestReceivedTimestamp"].replace("Z", "+00:00")
+                ).timestamp()
+                if start <= received <= end:
+                    found.append(event)
+        return found
+
+
+def breakdown(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Requests by `verb resource[/subresource]`, most first."""
+    counts = collections.Counter(
+        f"{e.get('verb')} {(e.get('objectRef') or {}).get('resource', e.get('requestURI', '?'))}"
+        + (
+            f"/{e['objectRef']['subresource']}"
+            if (e.get("objectRef") or {}).get("subresource")
+            else ""
+        )
+        for e in events
     )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return dict(counts.most_common())
 
 
-def _rss_kib(pid: int) -> tuple[int, int]:
-    """(current RSS, peak RSS) of a process in KiB."""
+def proc_figures(pid: int) -> dict[str, float]:
+    """RSS now and peak (MiB) and CPU seconds (user + system) of a process."""
     fields = dict(
         line.split(":", 1)
         for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         if ":" in line
     )
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {
+        "rss_mib": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+        "peak_rss_mib": round(int(fields["VmHWM"].split()[0]) / 1024, 1),
+        "cpu_seconds": round((int(stat[11]) + int(stat[12])) / ticks, 1),
+    }
 
 
-def run_round(kube: Kube, size: int, model_uri: str, timeout_seconds: float) -> dict[str, Any]:
-    namespace = f"bench-{size}"
-    created: dict[str, float] = {}
-    seen: dict[str, float] = {}
-    started = time.monotonic()
-    for index in range(size):
+class NoopOperator:
+    """bench/noop_operator.py under `kopf run`, its own process with a ServiceAccount token."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/healthz"
+        kopf = Path(sys.executable).parent / "kopf"
+        self.process = subprocess.Popen(
+            [
+                str(kopf), "run", "--standalone", "--all-namespaces",
+                "--liveness", self.url, str(REPO / "bench" / "noop_operator.py"),
+            ],
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            cwd=log_path.parent,  # never the repository root (its operator/ folder)
+            start_new_session=True,
+        )  # fmt: skip
+        wait_for("the no-op operator's liveness", self._alive, timeout_seconds=60)
+
+    def _alive(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def create_all(kube: Kube, namespace: str, size: int, uri: str, noop: bool) -> dict[str, float]:
+    """Create `size` ModelDeployments at once (8 threads); name -> when its create returned."""
+    labels = {NOOP_LABEL: "noop"} if noop else {}
+
+    def one(index: int) -> tuple[str, float]:
         name = f"md-{index:04d}"
         body = {
             "apiVersion": "modelship.dev/v1alpha1",
             "kind": "ModelDeployment",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"model": {"uri": model_uri}},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"model": {"uri": uri}},
         }
         kube.request("POST", MD.path(namespace), body=body)
-        created[name] = time.monotonic()
-    deadline = time.monotonic() + timeout_seconds
-    next_report = time.monotonic() + 30
-    while len(seen) < size and time.monotonic() < deadline:
-        if time.monotonic() > next_report:  # partial figures survive an interrupted round
-            print(
-                f"  {size}: {len(seen)} reconciled after {time.monotonic() - started:.0f}s",
-                flush=True,
+        return name, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return dict(pool.map(one, range(size)))
+
+
+def pct(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, round(p * (len(values) - 1)))] if values else float("nan")
+
+
+def run_round(
+    plane: ControlPlane,
+    audit: Audit,
+    which: str,
+    size: int,
+    kubeconfigs: dict[str, Path],
+    env: dict[str, str],
+    uri: str,
+    args: argparse.Namespace,
+    work: Path,
+    last: bool,
+) -> dict[str, Any]:
+    kube = plane.kube()
+    namespace = f"bench-{which}-{size}"
+    plane.ensure_namespace(namespace)
+    # The runtime pods' ServiceAccount, as an installed namespace has it.
+    kube.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        body={
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "modelship-runtime"},
+        },
+    )
+    log = work / f"{which}-{size}.log"
+    if which == "modelship":
+        operator: Any = start_operator(kubeconfigs[which], env, log, identity="bench")
+        wait_for("the operator to lead", lambda: (operator.healthz() or {}).get("leader"))
+        pid = operator.process.pid
+    else:
+        operator = NoopOperator(kubeconfigs[which], log)
+        pid = operator.process.pid
+    result: dict[str, Any] = {"operator": which, "size": size}
+    try:
+        time.sleep(2)  # watch streams established
+        before = proc_figures(pid)
+        result["rss_start_mib"] = before["rss_mib"]
+        wall_start, started = time.time(), time.monotonic()
+        created = create_all(kube, namespace, size, uri, noop=which == "noop")
+        result["create_seconds"] = round(max(created.values()) - started, 2)
+        seen: dict[str, float] = {}
+        deadline = started + args.timeout_seconds
+        next_report = started + 30
+        while len(seen) < size and time.monotonic() < deadline:
+            now = time.monotonic()
+            if now > next_report:
+                print(f"  {which} {size}: {len(seen)} after {now - started:.0f}s", flush=True)
+                next_report += 30
+            deployments = (
+                {
+                    (d["metadata"].get("labels") or {}).get(MD_LABEL)
+                    for d in kube.list(DEPLOYMENT, namespace)
+                }
+                if which == "modelship"
+                else set()
             )
-            next_report += 30
-        now = time.monotonic()
-        for item in kube.list(MD, namespace):
-            name = item["metadata"]["name"]
-            status = item.get("status") or {}
-            if name not in seen and status.get("plan") and status.get("phase"):
-                seen[name] = now
-        # Listing N objects costs the emulator (in this process) O(N): poll less often when big.
-        time.sleep(max(0.2, size / 500))
-    latencies = sorted(seen[name] - created[name] for name in seen)
-    last = max(seen.values()) if seen else time.monotonic()
-
-    def pct(p: float) -> float:
-        return (
-            latencies[min(len(latencies) - 1, round(p * (len(latencies) - 1)))]
-            if latencies
-            else float("nan")
+            for item in kube.list(MD, namespace):
+                name = item["metadata"]["name"]
+                status = item.get("status") or {}
+                done = (
+                    bool(status.get("plan")) and name in deployments
+                    if which == "modelship"
+                    else status.get("benchNoop") == "reconciled"
+                )
+                if done and name not in seen:
+                    seen[name] = now
+            # Listing N ModelDeployments and Deployments costs the API server too: at 1000 a
+            # 0.5 s poll served ~20 MB/s of lists and slowed the operator under test.
+            time.sleep(max(0.5, size / 250))
+        wall_end = time.time()
+        latencies = sorted(seen[name] - created[name] for name in seen)
+        finished = max(seen.values()) if seen else time.monotonic()
+        during = audit.events(USERS[which], wall_start, wall_end)
+        figures = proc_figures(pid)
+        result.update(
+            {
+                "reconciled": len(seen),
+                "all_seconds": round(finished - started, 2),
+                "rate_per_second": round(len(seen) / (finished - started), 1) if seen else 0.0,
+                "p50_seconds": round(pct(latencies, 0.50), 2),
+                "p95_seconds": round(pct(latencies, 0.95), 2),
+                "max_seconds": round(latencies[-1], 2) if latencies else None,
+                "mean_seconds": round(statistics.fmean(latencies), 2) if latencies else None,
+                "cpu_seconds": round(figures["cpu_seconds"] - before["cpu_seconds"], 1),
+                "peak_rss_mib": figures["peak_rss_mib"],
+                "requests": len(during),
+                "requests_per_reconcile": round(len(during) / max(1, len(seen)), 1),
+                "requests_by_kind": breakdown(during),
+            }
         )
-
-    return {
-        "size": size,
-        "reconciled": len(seen),
-        "create_seconds": round(max(created.values()) - started, 2),
-        "p50_seconds": round(pct(0.50), 2),
-        "p95_seconds": round(pct(0.95), 2),
-        "max_seconds": round(latencies[-1], 2) if latencies else None,
-        "mean_seconds": round(statistics.fmean(latencies), 2) if latencies else None,
-        "throughput_per_second": round(len(seen) / (last - started), 1) if seen else 0.0,
-    }
+        if which == "modelship" and args.steady_seconds > 0:
+            time.sleep(args.settle_seconds)  # pods' scheduling failures, status settling
+            cpu0, t0 = proc_figures(pid)["cpu_seconds"], time.time()
+            time.sleep(args.steady_seconds)
+            t1 = time.time()
+            idle = audit.events(USERS[which], t0, t1)
+            result["steady_requests"] = len(idle)
+            result["steady_requests_per_second"] = round(len(idle) / (t1 - t0), 2)
+            result["steady_requests_by_kind"] = breakdown(idle)
+            result["steady_cpu_seconds"] = round(proc_figures(pid)["cpu_seconds"] - cpu0, 1)
+        events = kube.list(EVENT, namespace)
+        result["events_by_reason"] = dict(
+            collections.Counter(
+                f"{e.get('reportingComponent') or (e.get('source') or {}).get('component')} "
+                f"{e.get('reason')}"
+                for e in events
+            ).most_common()
+        )
+        end = proc_figures(pid)
+        result["rss_end_mib"] = end["rss_mib"]
+        result["peak_rss_mib"] = end["peak_rss_mib"]
+        result["total_cpu_seconds"] = end["cpu_seconds"]
+        if not last:  # clean up while the operator runs (modelship's finalizers)
+            kube.request("DELETE", NAMESPACE.path(None, namespace))
+            wait_for(
+                f"namespace {namespace} deleted",
+                lambda: kube.get(NAMESPACE, None, namespace) is None,
+                timeout_seconds=600,
+            )
+    finally:
+        operator.stop()
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="1,100,1000")
-    parser.add_argument("--resync-seconds", type=float, default=60.0)
-    parser.add_argument("--timeout-seconds", type=float, default=900.0)
+    parser.add_argument("--sizes", default="100,1000")
+    parser.add_argument("--operators", default="noop,modelship")
+    parser.add_argument("--steady-seconds", type=float, default=60.0)
+    parser.add_argument("--settle-seconds", type=float, default=15.0)
+    parser.add_argument("--timeout-seconds", type=float, default=600.0)
+    parser.add_argument(
+        "--resync-seconds", default="", help="MODELSHIP_RESYNC_SECONDS (default: the operator's)"
+    )
+    parser.add_argument("--work", default="", help="folder for logs (default: a temporary one)")
     args = parser.parse_args()
 
-    server = _load_kube_server()
-    ready, stop = threading.Event(), threading.Event()
-    holder: dict[str, Any] = {}
-    threading.Thread(target=server._serve, args=(ready, holder, stop), daemon=True).start()
-    ready.wait(30)
-    api = holder["api"]
-    work = Path(tempfile.mkdtemp(prefix="reconcile-bench-"))
-    kubeconfig = server.write_kubeconfig(api.url, work / "kubeconfig")
-    model = build_tiny_model(work / "tiny")
-    kube = Kube(kubernetes.config.new_client_from_config(str(kubeconfig)))
-
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
-        "MODELSHIP_CLUSTER_NAME": "bench",
-        "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-bench",
-        "MODELSHIP_RESYNC_SECONDS": str(args.resync_seconds),
-        "MODELSHIP_ACTIVATOR_PORT": "0",  # the benchmark measures reconciles only
-    }
-    command = (
-        "from modelship.operator.handlers import run_operator; "
-        "raise SystemExit(run_operator(['--standalone', '--metrics-port', '0', '--liveness', '']))"
+    assets, schemas = kube_assets(), crd_schema_dir()
+    if assets is None or schemas is None:
+        print("no control-plane assets: set MODELSHIP_KUBE_ASSETS and MODELSHIP_CRD_SCHEMAS")
+        return 2
+    work = Path(args.work or tempfile.mkdtemp(prefix="reconcile-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    audit = Audit(work / "audit.log")
+    plane = start_control_plane(
+        work / "plane",
+        assets,
+        audit_policy(work / "audit-policy.yaml"),
+        audit.path,
+        service_cidr="10.0.0.0/20",  # one Service per ModelDeployment: a /24 stops at ~250
     )
-    log = (work / "operator.log").open("wb")
-    operator = subprocess.Popen(
-        [sys.executable, "-c", command], env=env, stdout=log, stderr=log, cwd=work
-    )
+    seaweed = None
     results = []
     try:
-        time.sleep(3)  # kopf start-up: discovery, watch streams
-        for size in (int(s) for s in args.sizes.split(",")):
-            result = run_round(kube, size, f"file://{model}", args.timeout_seconds)
-            rss, peak = _rss_kib(operator.pid)
-            result["operator_rss_mib"] = round(rss / 1024, 1)
-            result["operator_peak_rss_mib"] = round(peak / 1024, 1)
+        install_crds(plane, schemas, REPO / "crds")
+        plane.kubectl("apply", "--server-side", "-f", str(INSTALL_YAML))
+        noop_rbac = [
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": NOOP_SERVICE_ACCOUNT, "namespace": OPERATOR_NAMESPACE},
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": NOOP_SERVICE_ACCOUNT},
+                # The chart's own ClusterRole: the same permissions as modelship's token.
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "modelship",
+                },
+                "subjects": [
+                    {
+                        "kind": "ServiceAccount",
+                        "name": NOOP_SERVICE_ACCOUNT,
+                        "namespace": OPERATOR_NAMESPACE,
+                    }
+                ],
+            },
+        ]
+        (work / "noop-rbac.yaml").write_text(yaml.safe_dump_all(noop_rbac))
+        plane.kubectl("apply", "-f", str(work / "noop-rbac.yaml"))
+        kubeconfigs = {
+            "modelship": plane.token_kubeconfig(
+                OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, work / "modelship.kubeconfig"
+            ),
+            "noop": plane.token_kubeconfig(
+                OPERATOR_NAMESPACE, NOOP_SERVICE_ACCOUNT, work / "noop.kubeconfig"
+            ),
+        }
+        seaweed = demo.start_seaweed(
+            work / "s3", bucket="models", access_key=S3_KEY, secret_key=S3_SECRET
+        )
+        seaweed.upload_dir(build_tiny_model(work / "tiny"), "tiny")
+        env = {
+            "MODELSHIP_CLUSTER_NAME": "bench",
+            "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-bench",
+            "MODELSHIP_ACTIVATOR_PORT": "0",
+            "MODELSHIP_ACTIVATOR_URL": "http://127.0.0.1:1",
+            "MODELSHIP_S3_ENDPOINT_URL": seaweed.endpoint_url,
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        if args.resync_seconds:
+            env["MODELSHIP_RESYNC_SECONDS"] = args.resync_seconds
+        rounds = [
+            (which, int(size))
+            for size in args.sizes.split(",")
+            for which in args.operators.split(",")
+        ]
+        for index, (which, size) in enumerate(rounds):
+            result = run_round(
+                plane, audit, which, size, kubeconfigs, env, "s3://models/tiny", args, work,
+                last=index == len(rounds) - 1,
+            )  # fmt: skip
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
-        operator.terminate()
-        operator.wait(30)
-        stop.set()
-    print(f"operator log: {work / 'operator.log'}")
+        if seaweed is not None:
+            seaweed.stop()
+        plane.stop()
+    by = {(r["operator"], r["size"]): r for r in results}
+    for size in sorted({r["size"] for r in results}):
+        ms, noop = by.get(("modelship", size)), by.get(("noop", size))
+        if ms and noop and noop["rate_per_second"]:
+            ratio = ms["rate_per_second"] / noop["rate_per_second"]
+            print(f"{size}: modelship/no-op rate ratio {ratio:.2f}")
+    print(f"logs: {work}")
     return 0 if all(r["reconciled"] == r["size"] for r in results) else 1
 
 

@@ -33,7 +33,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -62,7 +62,7 @@ from .catalog import Catalog, load_catalog
 from .config import ConfigError, OperatorConfig, check_operator_config, load_config
 from .kvfeedback import PrometheusError, measured_kv_tokens
 from .leader import LeaderElector, LeaseSettings
-from .modelinfo import ModelInfoError, inspect_model
+from .modelinfo import ModelInfoError, inspect_model, s3_client
 from .nodegroups import NodeGroups
 from .nodepool import karpenter_objects, merge_node_pool_objects, pool_name
 from .opmetrics import METRICS
@@ -78,6 +78,7 @@ from .render import (
     replica_bounds,
 )
 from .sizing import make_plan
+from .source import S3Source
 from .status import Failure, ReconcileFacts, StatusUpdate, build_status
 
 FINALIZER = "modelship.dev/finalizer"
@@ -130,6 +131,17 @@ class State:
     # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
     replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
+    # Pool applies in flight and the latest combination wanted of each (see sync_pools).
+    pool_busy: set[str] = field(default_factory=set)
+    pool_wanted: dict[str, tuple[list[dict[str, Any]], str, bool]] = field(default_factory=dict)
+    pool_guard: threading.Lock = field(default_factory=threading.Lock)
+    # The status this process last wrote, with the resourceVersion the write returned. The
+    # watched object lags behind our own writes; comparing with it made every child event in
+    # that window rewrite the same status and post its Events again (~14 writes and ~28 Events
+    # per new ModelDeployment on a real API server).
+    written: dict[Key, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    # ModelDeployments whose status a refresh could not recompute (lock held): see refresh.
+    dirty: set[Key] = field(default_factory=set)
     shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
@@ -146,6 +158,8 @@ class State:
         self.replica_failures.pop(key, None)
         self.measured_kv.pop(key, None)
         self.workloads.pop(key, None)
+        self.written.pop(key, None)
+        self.dirty.discard(key)
         with self._guard:
             self._locks.pop(key, None)
 
@@ -348,8 +362,32 @@ def sync_pools(
         fingerprint = json.dumps(merged, sort_keys=True)
         if not force and state.applied_pools.get(pool) == fingerprint:
             continue
-        sync_pool(context.kube, pool, merged)
-        state.applied_pools[pool] = fingerprint
+        # A shared pool changes with every new user (its limits add up). Applies of one pool
+        # are coalesced: while a thread applies it, others leave their newer combination and
+        # go on; the applying thread applies the latest before it lets go. Every user waiting
+        # on a global lock for its own apply serialized reconciles (1000 created at once: ~20
+        # of the 32 workers parked there).
+        with state.pool_guard:
+            earlier = state.pool_wanted.get(pool)  # a forced restore is not dropped
+            state.pool_wanted[pool] = (merged, fingerprint, force or bool(earlier and earlier[2]))
+            if pool in state.pool_busy:
+                continue
+            state.pool_busy.add(pool)
+        try:
+            while True:
+                with state.pool_guard:
+                    wanted = state.pool_wanted.pop(pool, None)
+                    if wanted is None:
+                        state.pool_busy.discard(pool)
+                        break
+                objects, printed, forced = wanted
+                if forced or state.applied_pools.get(pool) != printed:
+                    sync_pool(context.kube, pool, objects)
+                    state.applied_pools[pool] = printed
+        except BaseException:
+            with state.pool_guard:
+                state.pool_busy.discard(pool)
+            raise
 
 
 def my_pools(last: LastGood | None) -> dict[str, tuple[Placement, int]]:
@@ -427,6 +465,28 @@ def post_events(body: Mapping[str, Any], update: StatusUpdate) -> None:
     METRICS.set_phase(f"{meta['namespace']}/{meta['name']}", update.status["phase"])
 
 
+def _resource_version(obj: Mapping[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # opaque by contract; etcd's are integers
+        return 0
+
+
+def previous_status(state: State, key: Key, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The newest status known: the watched object's, unless our own later write is not in it
+    yet (a hand edit after our write is newer and is used)."""
+    written = state.written.get(key)
+    if written is None or _resource_version(body) >= written[0]:
+        return body.get("status")
+    return written[1]
+
+
+def write_status(context: Context, state: State, key: Key, status: dict[str, Any]) -> None:
+    """Patch the status subresource and remember what was written (see State.written)."""
+    answer = context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": status}, "status")
+    state.written[key] = (_resource_version(answer), answer.get("status") or status)
+
+
 def _status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     old = old or {}
     return any(old.get(key) != value for key, value in new.items())
@@ -455,11 +515,34 @@ def rollout_done(workload: Mapping[str, Any] | None, generation: int) -> bool:
 
 def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]) -> None:
     """Recompute a ModelDeployment's status from the watches; write it only when it changed.
-    Release a draining pool once the new workload is rolled out (make before break)."""
+    Release a draining pool once the new workload is rolled out (make before break).
+
+    Never waits for the lock: a worker thread blocked here is one fewer for reconciles (with 100
+    new ModelDeployments, child events held all 32 workers for seconds each and reconciles
+    starved). The key is marked first; whoever holds the lock refreshes when releasing it
+    (`holding`), so a change seen meanwhile is not lost."""
     lock = state.lock(key)
-    # A reconcile holding the lock writes status itself, and that write wakes a refresh again.
-    if not lock.acquire(timeout=5):
-        return
+    state.dirty.add(key)
+    while key in state.dirty and lock.acquire(blocking=False):
+        try:
+            state.dirty.discard(key)
+            _refresh_locked(context, state, key, indexes)
+        finally:
+            lock.release()
+
+
+@contextlib.contextmanager
+def holding(context: Context, state: State, key: Key, indexes: Mapping[str, Any]) -> Iterator[None]:
+    """A ModelDeployment's lock; on release, the refreshes that found it held run."""
+    try:
+        with state.lock(key):
+            yield
+    finally:
+        if key in state.dirty:
+            refresh(context, state, key, indexes)
+
+
+def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[str, Any]) -> None:
     try:
         acted = state.acted.get(key)
         mds = _index_list(indexes["model_deployments"], key)
@@ -485,8 +568,7 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
                 my_pools(drained),
             )
             last = drained
-        # Compared with what the watch last saw stored: a write that raced another is redone.
-        previous = body.get("status")
+        previous = previous_status(state, key, body)
         update = compute_status(
             context,
             state,
@@ -499,12 +581,10 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
             previous,
         )
         if _status_changed(previous, update.status):
-            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
+            write_status(context, state, key, update.status)
             post_events(body, update)
     except KubeApiError as error:
         logger.warning("could not refresh %s/%s: %s", key[0], key[1], error)
-    finally:
-        lock.release()
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -527,6 +607,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="modelship.dev", key="last-handled-configuration"
     )
+    # kopf waits this long for the watch to deliver its own patch before it runs the change
+    # handlers on the object as it has it; past 5 s (the default) it runs create again on the
+    # older copy. With 100 ModelDeployments created at once the watch lagged longer than that
+    # and half of them were reconciled twice. The patch always arrives (every event is
+    # processed in order), so waiting longer only waits for it.
+    settings.persistence.consistency_timeout = 60
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
     settings.execution.max_workers = MAX_WORKERS
@@ -567,6 +653,25 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 # ---- reconcile --------------------------------------------------------------------------------
 
 
+_S3_CLIENTS: dict[str | None, Any] = {}
+_S3_GUARD = threading.Lock()
+
+
+def s3_client_for(endpoint_url: str | None) -> Any:
+    """One boto3 S3 client per endpoint for the whole process. Building one loads botocore's
+    service model (~0.1 CPU-s and several MiB), more than the rest of a reconcile; a client is
+    thread-safe and refreshes its credentials (IRSA, Pod Identity) itself."""
+    with _S3_GUARD:
+        client = _S3_CLIENTS.get(endpoint_url)
+        if client is None:
+            client = s3_client(endpoint_url)
+            # A client built without credentials keeps failing after they appear: not kept, so
+            # the next reconcile looks again (and the error says what to configure meanwhile).
+            if getattr(getattr(client, "_request_signer", None), "_credentials", None):
+                _S3_CLIENTS[endpoint_url] = client
+        return client
+
+
 def plan(context: Context, body: kopf.Body) -> tuple[ModelDeploymentSpec, Placement]:
     """Parse the spec, inspect the model and plan; Rejected when it cannot be served (now)."""
     try:
@@ -578,6 +683,11 @@ def plan(context: Context, body: kopf.Body) -> tuple[ModelDeploymentSpec, Placem
             overrides=spec.model.architecture,
             parameters=spec.model.parameter_count,
             endpoint_url=context.config.s3_endpoint_url,
+            client=(
+                s3_client_for(context.config.s3_endpoint_url)
+                if isinstance(spec.model.source, S3Source)
+                else None
+            ),
         )
         result = make_plan(info, spec, context.catalog)
         if result.chosen is None:
@@ -624,7 +734,7 @@ def reconcile(
     generation = int(body["metadata"].get("generation") or 1)
     indexes = _indexes(kwargs)
     last = LastGood.from_body(body)
-    with METRICS.reconcile() as outcome, state.lock(key):
+    with METRICS.reconcile() as outcome, holding(context, state, key, indexes):
         failure: Failure | None = None
         try:
             if last is not None and last.generation == generation:
@@ -645,7 +755,16 @@ def reconcile(
             candidate = LastGood(generation, spec, placement, draining)
             try:
                 rendered_for(context, state, body, candidate)  # render errors are the spec's
-                apply_last_good(context, state, body, candidate, indexes["pool_users"], prune=True)
+                # A new ModelDeployment (generation 1, never applied) has nothing to prune: that
+                # skips 7 list requests of the ~21 its first reconcile costs.
+                apply_last_good(
+                    context,
+                    state,
+                    body,
+                    candidate,
+                    indexes["pool_users"],
+                    prune=last is not None or generation > 1,
+                )
                 last = candidate
                 patch.metadata.setdefault("annotations", {})[LAST_GOOD] = candidate.annotation()
                 METRICS.set_plan(key[0], key[1], placement)
@@ -668,7 +787,7 @@ def reconcile(
             annotations = dict(body["metadata"].get("annotations") or {})
             annotations[LAST_GOOD] = last.annotation()
             view["metadata"]["annotations"] = annotations
-        previous = body.get("status")
+        previous = previous_status(state, key, body)
         update = compute_status(
             context,
             state,
@@ -683,7 +802,7 @@ def reconcile(
         # Written now, under the lock, not by kopf after the handler returns: a refresh that runs
         # in between would otherwise be overwritten by this older view.
         try:
-            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
+            write_status(context, state, key, update.status)
         except KubeApiError as error:
             logger.warning("could not write the status of %s/%s: %s", key[0], key[1], error)
         state.acted[key] = (generation, last)

@@ -323,8 +323,19 @@ def _ready(plane: ControlPlane, path: str) -> bool:
         return False
 
 
-def start_control_plane(folder: Path, assets: Path) -> ControlPlane:
-    """Start etcd, the API server, the controller manager and the scheduler; wait until ready."""
+def start_control_plane(
+    folder: Path,
+    assets: Path,
+    audit_policy_file: Path | None = None,
+    audit_log_path: Path | None = None,
+    service_cidr: str = SERVICE_CIDR,
+) -> ControlPlane:
+    """Start etcd, the API server, the controller manager and the scheduler; wait until ready.
+
+    With `audit_policy_file` and `audit_log_path` the API server writes an audit log (JSON lines)
+    by that policy: bench/reconcile_bench.py counts an operator's requests exactly with it.
+    `service_cidr` bounds the number of Services (a /24 holds ~250; the benchmark needs more).
+    """
     etcd = shutil.which("etcd")
     if etcd is None:
         raise RuntimeError("etcd is not installed: apt-get install etcd-server")
@@ -384,8 +395,17 @@ def start_control_plane(folder: Path, assets: Path) -> ControlPlane:
             f"--service-account-signing-key-file={sa_key}",
             f"--api-audiences={issuer}",
             "--authorization-mode=Node,RBAC",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={service_cidr}",
             f"--cert-dir={folder / 'apiserver-certs'}",
+            *(
+                [
+                    f"--audit-policy-file={audit_policy_file}",
+                    f"--audit-log-path={audit_log_path}",
+                    "--audit-log-maxsize=0",  # never rotate: the reader expects one file
+                ]
+                if audit_policy_file and audit_log_path
+                else []
+            ),
         ],
     )
     try:
@@ -415,7 +435,7 @@ def start_control_plane(folder: Path, assets: Path) -> ControlPlane:
             f"--service-account-private-key-file={sa_key}",
             f"--cluster-signing-cert-file={ca}",
             f"--cluster-signing-key-file={pki.folder / 'ca.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={service_cidr}",
             # No kubelet posts heartbeats: the node lifecycle controller would taint every Node
             # the test Karpenter creates as unreachable.
             "--controllers=*,-node-lifecycle-controller",
