@@ -20,6 +20,7 @@ fi
 
 # Prometheus and promtool (Debian) for the rule tests and the observability test.
 bash scripts/install-prometheus.sh >/dev/null
+bash scripts/install-kube.sh
 
 # mypy cannot follow setuptools' editable import hook; give it a plain view of the package.
 mkdir -p .dev/modelship
