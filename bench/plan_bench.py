@@ -1,4 +1,5 @@
-"""Planning speed: make_plan over the whole built-in catalog for a 70B and a 405B model.
+"""Planning speed: make_plan over the whole built-in catalog for a 70B and a 405B model (and
+an MXFP4 MoE and a Mamba hybrid, whose per-layer caches cost more to size).
 
     .venv/bin/python -m bench.plan_bench
 
@@ -38,7 +39,21 @@ CASES = [
         405_853_388_800,
         {"maxModelLen": 8192},
     ),
+    (
+        "Llama-3.1-405B bf16 on trn1 only (TP128 over 4 nodes)",
+        configs.LLAMA_3_1_405B,
+        405_853_388_800,
+        {"maxModelLen": 8192},
+    ),
+    ("gpt-oss-120b MXFP4, 8k x 8", configs.GPT_OSS_120B, 116_829_156_672, {"concurrency": 8}),
+    (
+        "Jamba-1.5-Mini (Mamba hybrid), 64k x 4",
+        configs.JAMBA_1_5_MINI,
+        51_570_000_000,
+        {"maxModelLen": 65536, "concurrency": 4},
+    ),
 ]
+ONLY = {"p5 only": ["p5.48xlarge"], "trn1 only": ["trn1.32xlarge"]}
 
 
 def main() -> None:
@@ -49,8 +64,9 @@ def main() -> None:
     for title, config, parameters, serving in CASES:
         info = model_info_from_config(config, weights=None, parameters=parameters, files=None)
         body = {"model": {"uri": "s3://models/m"}, "serving": serving}
-        if "p5 only" in title:
-            body["accelerator"] = {"instanceTypes": ["p5.48xlarge"]}
+        for key, instance_types in ONLY.items():
+            if key in title:
+                body["accelerator"] = {"instanceTypes": instance_types}
         spec = load_spec(body)
         make_plan(info, spec, catalog)  # warm-up
         times = []

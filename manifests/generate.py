@@ -80,8 +80,9 @@ def install_yaml() -> str:
         "# modelship: plain-YAML install, generated from helm/modelship with its default values by\n"
         "# `python manifests/generate.py` (do not edit; change the chart and regenerate).\n"
         "# Needs Karpenter, KEDA, prometheus-operator and LeaderWorkerSet CRDs for the default\n"
-        "# integrations; edit the ConfigMap modelship-config (MODELSHIP_CLUSTER_NAME,\n"
-        "# MODELSHIP_NODE_ROLE) before applying. kubectl apply --server-side -f install.yaml\n"
+        "# integrations. Set MODELSHIP_CLUSTER_NAME and MODELSHIP_NODE_ROLE in the ConfigMap\n"
+        "# modelship-config (the operator refuses to start without them, saying so), then apply\n"
+        "# it in one go: kubectl apply --server-side -f install.yaml\n"
     )
     body = "---\n".join(
         yaml.safe_dump(obj, sort_keys=False, width=100) for obj in [*crds, namespace, *rest]

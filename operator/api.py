@@ -33,7 +33,22 @@ SHORT_NAMES = ["md"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 Quantization = Literal[
-    "auto", "fp32", "fp16", "bf16", "fp8", "int8", "int8-gptq", "int4", "int4-awq", "int4-gptq"
+    "auto",
+    "fp32",
+    "fp16",
+    "bf16",
+    "fp8",
+    "int8",
+    "int8-gptq",
+    "int4",
+    "int4-awq",
+    "int4-gptq",
+    "awq",
+    "gptq",
+    "compressed-tensors",
+    "w4a16",
+    "w8a8",
+    "mxfp4",
 ]
 QUANTIZATIONS: tuple[str, ...] = Quantization.__args__  # type: ignore[attr-defined]
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -89,6 +104,18 @@ class _Model(BaseModel):
 class Architecture(_Model):
     """Architecture facts that override (or stand in for) the model's config.json."""
 
+    known_model: str | None = Field(
+        None,
+        max_length=200,
+        description=(
+            "A well-known model whose published config.json facts and parameter count stand in "
+            "for the model's own files when those cannot be read: fsx:// and efs:// volumes the "
+            "operator does not mount, and previews (modelship plan, render) without access to "
+            "the bucket. A Hugging Face repository id such as meta-llama/Llama-3.1-8B-Instruct; "
+            "`modelship models` lists them. The other architecture fields and "
+            "spec.model.parameters override its facts."
+        ),
+    )
     num_layers: int | None = Field(
         None, ge=1, description="Transformer layers (num_hidden_layers)."
     )
@@ -113,11 +140,24 @@ class Architecture(_Model):
     )
     qk_rope_head_dim: int | None = Field(None, ge=1, description="MLA rotary head dimension.")
 
+    @field_validator("known_model")
+    @classmethod
+    def _is_known(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .knownmodels import KnownModelError, get_known_model
+
+            try:
+                get_known_model(value)
+            except KnownModelError as error:
+                raise ValueError(str(error)) from None
+        return value
+
 
 class ModelSpec(_Model):
     uri: str = Field(
         ...,
-        pattern=URI_PATTERN,
+        # In the CRD for the API server; here the validator below says what is wrong in words.
+        json_schema_extra={"pattern": URI_PATTERN},
         description=(
             "Where the model package lives: s3://bucket/prefix, fsx://<pvc>/<path>, "
             "efs://<pvc>/<path>, or file:///dir for local use."
@@ -140,8 +180,10 @@ class ModelSpec(_Model):
         "auto",
         description=(
             "Weight format served: auto (as the checkpoint is), fp32, fp16, bf16, fp8 (a 16-bit "
-            "checkpoint is quantized on load), int8, int8-gptq, int4 (AWQ or GPTQ), int4-awq or "
-            "int4-gptq (the checkpoint must already be quantized that way)."
+            "checkpoint is quantized on load; FP8 checkpoints, block-quantized too), int8, "
+            "int8-gptq, int4 (AWQ or GPTQ), int4-awq or int4-gptq; or the checkpoint's format "
+            "by name: awq, gptq, compressed-tensors, w4a16, w8a8, mxfp4 (gpt-oss). All but fp8 "
+            "need a checkpoint already quantized that way."
         ),
     )
     task: Literal["generate", "embed"] = Field(
@@ -162,14 +204,21 @@ class ModelSpec(_Model):
         ),
     )
     architecture: Architecture | None = Field(
-        None, description="Architecture facts that override the model's config.json."
+        None,
+        description=(
+            "Architecture facts that override the model's config.json, or stand in for it "
+            "where it cannot be read (knownModel names a well-known model's published facts)."
+        ),
     )
 
     @field_validator("parameters")
     @classmethod
     def _valid_parameters(cls, value: int | str | None) -> int | str | None:
         if value is not None:
-            parse_parameter_count(value)
+            try:
+                parse_parameter_count(value)
+            except SpecError as error:
+                raise ValueError(error.message) from None  # load_spec names the field
         return value
 
     @field_validator("uri")
@@ -178,7 +227,13 @@ class ModelSpec(_Model):
         try:
             parse_source(value)
         except SourceError as error:
-            raise ValueError(str(error)) from None
+            raise ValueError(error.problem) from None
+        if not re.match(URI_PATTERN, value):
+            # parse_source forgives what the API server's pattern does not: say it the same way.
+            raise ValueError(
+                f"{value!r} must be written exactly as the API server accepts it: a lowercase "
+                "scheme (s3://, fsx://, efs://, file://) and no spaces around the URI."
+            )
         return value
 
     @property
@@ -287,6 +342,17 @@ class AcceleratorSpec(_Model):
     max_cost_per_hour: float | None = Field(
         None, gt=0, description="Most on-demand USD per hour one replica may cost."
     )
+    max_nodes_per_replica: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description=(
+            "Most nodes one replica may span (tensor parallel inside a node, pipeline stages or "
+            "a Trainium TP group across nodes over EFA). Default 4: AWS's largest published "
+            "single-model deployment (Llama-3.1-405B on 4 x trn1.32xlarge); each node is one "
+            "more failure point. 1 keeps every replica on one node."
+        ),
+    )
     capacity_type: CapacityType = Field("on-demand", description="on-demand or spot capacity.")
 
 
@@ -348,7 +414,10 @@ SPEC_CEL_RULES = [
 
 
 class Condition(_Model):
-    type: str = Field(..., description="Validated, Planned, CapacityReady, Available or Degraded.")
+    type: str = Field(
+        ...,
+        description="Validated, Planned, CapacityReady, Available, Degraded or KVCacheAsPredicted.",
+    )
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field(..., description="One CamelCase word for machines.")
     message: str = Field("", description="What happened, for people.")
@@ -373,6 +442,17 @@ class PlanSummary(_Model):
     node_pool: str | None = Field(None, description="The node pool the replicas run on.")
 
 
+class KVCacheStatus(_Model):
+    predicted_tokens: int = Field(
+        ..., description="KV-cache tokens the plan predicted per replica."
+    )
+    measured_tokens: int | None = Field(
+        None,
+        description="KV-cache tokens vLLM allocated (the smallest among the replicas), from "
+        "Prometheus; see the KVCacheAsPredicted condition.",
+    )
+
+
 class ModelDeploymentStatus(_Model):
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     phase: str | None = Field(
@@ -390,6 +470,9 @@ class ModelDeploymentStatus(_Model):
         None, description="Label selector of the replicas (scale subresource)."
     )
     endpoint: str | None = Field(None, description="In-cluster OpenAI-compatible base URL.")
+    kv_cache: KVCacheStatus | None = Field(
+        None, description="KV-cache capacity: predicted by the plan, measured from vLLM."
+    )
     message: str | None = Field(None, description="What is happening, for people.")
 
 
@@ -425,3 +508,34 @@ def load_manifest(document: dict[str, Any]) -> tuple[str, ModelDeploymentSpec]:
     if not name:
         raise SpecError("metadata.name", "is required.")
     return str(name), load_spec(document.get("spec") or {})
+
+
+# A ModelDeployment's name is its Service's name and a label value on every child and pod:
+# a DNS-1035 label (RFC 1035) of at most 63 characters, stricter than Kubernetes' object names.
+NAME_MAX_LENGTH = 63
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_CEL_RULES = [
+    {
+        "rule": (
+            f"self.metadata.name.size() <= {NAME_MAX_LENGTH} "
+            f"&& self.metadata.name.matches('{NAME_PATTERN}')"
+        ),
+        "message": (
+            "metadata.name must be at most 63 characters of lowercase letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit: it names the Service and "
+            "labels every pod"
+        ),
+    }
+]
+
+
+def check_name(name: str) -> None:
+    """Raise SpecError naming metadata.name when it cannot name a Service and label pods."""
+    if len(name) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, name):
+        raise SpecError(
+            "metadata.name",
+            f"{name!r} ({len(name)} characters) cannot name the model's Service and label its "
+            f"pods: use at most {NAME_MAX_LENGTH} lowercase letters, digits and '-', starting with "
+            "a letter and ending with a letter or digit (delete it and create it again with such a "
+            "name; a name cannot be changed).",
+        )

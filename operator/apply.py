@@ -4,16 +4,18 @@
   PodMonitor) are written with server-side apply (`PATCH application/apply-patch+yaml`, field
   manager `modelship`, `force=true`); render has already set their owner references and the label
   `modelship.dev/model-deployment=<name>`. Applying the same objects twice changes nothing.
-- Pruning lists every kind modelship renders with that label and deletes what the plan no longer
-  wants (a kind whose CRD is not installed is skipped: there is nothing of it to prune).
-- Shared node pools (cluster-scoped Karpenter NodePool + EC2NodeClass) are applied like children
-  but have no owner: each ModelDeployment that uses a pool adds its own annotation
-  `users.modelship.dev/<hash of namespace/name>: {"user": "ns/name", "object": <its render>}`
-  with a JSON merge patch (one key per user, so concurrent reconciles never overwrite each other,
-  and the keys are not owned by the `modelship` apply manager, so the next apply keeps them).
-  The pool applied is every user's render combined (`nodepool.merge_node_pool_objects`: limits
-  add up). Two users applying at the same moment may each apply a combination missing the
-  other; the next periodic reconcile corrects it. A pool is deleted when its last user leaves.
+- A child someone edited by hand is restored to exactly its render: server-side apply alone
+  would keep a foreign list entry merged in (a second Service port: every apply then fails with
+  422), so a child whose managedFields show fields owned by another manager, or whose apply is
+  rejected as invalid, is replaced (PUT) and applied again (`apply_child`).
+- When a workload stops setting spec.replicas (an autoscaler takes over), a handover manager
+  co-owns the current count first, so the apply does not reset it to one replica.
+- Pruning lists the kinds render makes with that label and deletes what the plan no longer
+  wants and the ModelDeployment owns; deletion of a ModelDeployment deletes its children by
+  name, so no list (which a name that is no valid label value would fail) stands in its way.
+- Shared node pools (cluster-scoped Karpenter NodePool + EC2NodeClass) are aggregates: the
+  operator computes each from all ModelDeployments that want its hardware (a kopf index over
+  them) and `sync_pool` applies that combination, or deletes the pool when nobody wants it.
 
 Everything goes through `Kube`, a thin REST layer over `kubernetes.client.ApiClient` (which
 brings the kubeconfig / in-cluster credentials and TLS).
@@ -21,18 +23,20 @@ brings the kubeconfig / in-cluster credentials and TLS).
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 FIELD_MANAGER = "modelship"
 MD_LABEL = "modelship.dev/model-deployment"
-POOL_USER_PREFIX = "users.modelship.dev/"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+# Co-owns spec.replicas while it is handed from the fixed count to an autoscaler.
+HANDOVER_MANAGER = "modelship-handover"
 KARPENTER_POOL_LABEL = "karpenter.sh/nodepool"
 
 
@@ -91,7 +95,6 @@ CHILD_KINDS: tuple[Kind, ...] = (
     SCALED_OBJECT,
     HPA,
     POD_MONITOR,
-    CONFIG_MAP,
 )
 # Shared pool kinds, in deletion order (a NodePool goes before the EC2NodeClass it refers to).
 POOL_KINDS: tuple[Kind, ...] = (NODE_POOL, EC2_NODE_CLASS)
@@ -103,6 +106,8 @@ _KINDS = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, *POOL_KINDS, POD, N
 # changes are serialized. One lock suffices: only the elected operator replica reconciles, and
 # a pool change is a handful of API calls.
 _POOL_LOCK = threading.RLock()
+# HTTP connections to the API server: one per kopf handler thread (handlers.py MAX_WORKERS).
+CONNECTIONS = 32
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:
@@ -133,21 +138,28 @@ def describe(obj: Mapping[str, Any]) -> str:
 class Kube:
     """A thin REST layer over `kubernetes.client.ApiClient`: JSON in, JSON out, errors raised."""
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: Any, timeout_seconds: float = 30) -> None:
         self.api_client = api_client
+        self.timeout_seconds = timeout_seconds
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, timeout_seconds: float = 30) -> Kube:
         """Credentials from the pod's service account, else from $KUBECONFIG / ~/.kube/config."""
         import kubernetes
 
         try:
-            kubernetes.config.load_incluster_config()
-            return cls(kubernetes.client.ApiClient())
+            configuration = kubernetes.client.Configuration()
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
             # $KUBECONFIG is read now, not when the kubernetes package was imported.
             config_file = os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0]
-            return cls(kubernetes.config.new_client_from_config(config_file=config_file))
+            configuration = kubernetes.client.Configuration()
+            kubernetes.config.load_kube_config(
+                config_file=config_file, client_configuration=configuration
+            )
+        # As many connections as handler threads: a smaller pool makes them queue for sockets.
+        configuration.connection_pool_maxsize = CONNECTIONS
+        return cls(kubernetes.client.ApiClient(configuration), timeout_seconds)
 
     def request(
         self,
@@ -172,7 +184,7 @@ class Kube:
         )
         what = f"{method} {path}"
         try:
-            response = self.api_client.call_api(*params, _request_timeout=30)
+            response = self.api_client.call_api(*params, _request_timeout=self.timeout_seconds)
             data = response.read()
         except urllib3.exceptions.HTTPError as error:
             raise KubeApiError(0, "Unreachable", str(error), what) from error
@@ -278,7 +290,7 @@ class ApplyResult:
     applied: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
-    pools_released: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
 
 
 def _essence(obj: Mapping[str, Any] | None) -> Any:
@@ -295,14 +307,149 @@ def _essence(obj: Mapping[str, Any] | None) -> Any:
     return data
 
 
+def _leaf_paths(
+    fields: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """The owned leaves of a managedFields fieldsV1 tree (`.` marks an owned list entry)."""
+    children = {key: value for key, value in fields.items() if key != "."}
+    if not children:
+        yield prefix
+        return
+    if "." in fields:
+        yield prefix
+    for key, value in children.items():
+        yield from _leaf_paths(value if isinstance(value, Mapping) else {}, (*prefix, key))
+
+
+def foreign_fields(live: Mapping[str, Any]) -> list[str]:
+    """Managers other than modelship owning desired-state fields (anything outside metadata and
+    status) that modelship's apply does not own: a hand edit (which takes the field's ownership),
+    or a list entry someone added, which server-side apply would otherwise keep merged in.
+    Writers through a subresource (status, scale: kubelets, controllers, autoscalers) and the
+    replicas handover manager do not count. Returns the managers, sorted."""
+    ours: set[tuple[str, ...]] = set()
+    theirs: dict[str, set[tuple[str, ...]]] = {}
+    for entry in (live.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("subresource") or entry.get("manager") == HANDOVER_MANAGER:
+            continue
+        fields = {
+            key: value
+            for key, value in (entry.get("fieldsV1") or {}).items()
+            if key not in ("f:metadata", "f:status")
+        }
+        paths = set(_leaf_paths(fields)) if fields else set()
+        if entry.get("manager") == FIELD_MANAGER:
+            ours |= paths
+        else:
+            theirs.setdefault(str(entry.get("manager")), set()).update(paths)
+    return sorted(
+        manager
+        for manager, paths in theirs.items()
+        if any(not any(path[: len(own)] == own for own in ours) for path in paths)
+    )
+
+
+def _owns_replicas(live: Mapping[str, Any]) -> bool:
+    return any(
+        entry.get("manager") == FIELD_MANAGER
+        and entry.get("operation") == "Apply"
+        and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        for entry in (live.get("metadata") or {}).get("managedFields") or []
+    )
+
+
+def _hand_over_replicas(kube: Kube, obj: Mapping[str, Any], live: Mapping[str, Any]) -> None:
+    """Before an apply that stops setting spec.replicas (the autoscaler takes over), let a second
+    manager co-own the current value: otherwise server-side apply removes the field and the
+    workload drops to its default of one replica (Kubernetes docs, "Transferring ownership")."""
+    replicas = (live.get("spec") or {}).get("replicas")
+    _, _, namespace, name = object_key(obj)
+    kind = kind_of(obj)
+    kube.request(
+        "PATCH",
+        kind.path(namespace or None, name),
+        query=[("fieldManager", HANDOVER_MANAGER), ("force", "true")],
+        body={
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        },
+        content_type="application/apply-patch+yaml",
+    )
+
+
+def replace_child(kube: Kube, obj: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """Make the object exactly `obj` (PUT with the live resourceVersion), then apply it so that
+    modelship's apply manager owns every field again. Values the server allocates (a Service's
+    cluster IP) are kept by the server; an autoscaler's replica count is kept."""
+    kind = kind_of(obj)
+    _, _, namespace, name = object_key(obj)
+    body = copy.deepcopy(dict(obj))
+    body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+    live_spec = live.get("spec") or {}
+    keeps_replicas = kind in WORKLOAD_KINDS and "replicas" not in body.get("spec", {})
+    if keeps_replicas and live_spec.get("replicas") is not None:
+        body["spec"]["replicas"] = live_spec["replicas"]
+    if kind == SERVICE:
+        for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+            if key in live_spec and key not in body["spec"]:
+                body["spec"][key] = live_spec[key]
+    kube.request(
+        "PUT",
+        kind.path(namespace or None, name),
+        query=[("fieldManager", FIELD_MANAGER)],
+        body=body,
+    )
+    return kube.apply(obj)
+
+
+def apply_child(
+    kube: Kube, obj: Mapping[str, Any], live: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """Apply one child and restore it to exactly what render produced.
+
+    Returns the object after the apply, and why it had to be replaced (None when the apply
+    alone made it right). `live` is the current object when the caller has it already."""
+    kind = kind_of(obj)
+    _, _, namespace, name = object_key(obj)
+    hands_over = kind in WORKLOAD_KINDS and "replicas" not in (obj.get("spec") or {})
+    if hands_over and live is None:
+        live = kube.get(kind, namespace or None, name)
+    if hands_over and live is not None and _owns_replicas(live):
+        _hand_over_replicas(kube, obj, live)
+    try:
+        after = kube.apply(obj)
+    except KubeApiError as error:
+        # A hand-edited list merged with ours can be invalid (a port name twice): 422.
+        if error.status != 422:
+            raise
+        current = kube.get(kind, namespace or None, name)
+        if current is None:
+            raise
+        return replace_child(kube, obj, current), f"apply failed ({error.message})"
+    managers = foreign_fields(after)
+    if managers:
+        return replace_child(kube, obj, after), f"edited by {', '.join(managers)}"
+    return after, None
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether the object names `uid` among its owners."""
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(owner.get("uid") == uid for owner in owners)
+
+
 def apply_children(
     kube: Kube,
     md_name: str,
     namespace: str,
     children: Iterable[Mapping[str, Any]],
     detect_changes: bool = True,
+    owner_uid: str | None = None,
 ) -> ApplyResult:
-    """Apply every child, then prune the children (by label) that are no longer wanted.
+    """Apply every child (restoring hand edits), then prune the children of `md_name` that are
+    no longer wanted: only objects owned by `owner_uid` (when given), only kinds render makes.
 
     With detect_changes, each child is read first so that `changed` lists what the apply
     altered (one more request per child)."""
@@ -317,25 +464,50 @@ def apply_children(
         kind = kind_of(child)
         _, _, child_namespace, name = object_key(child)
         before = kube.get(kind, child_namespace or None, name) if detect_changes else None
-        after = kube.apply(child)
+        after, replaced = apply_child(kube, child, before)
         result.applied.append(describe(child))
+        if replaced:
+            result.restored.append(f"{describe(child)}: {replaced}")
         if detect_changes and _essence(before) != _essence(after):
             result.changed.append(describe(child))
         keep.add(object_key(child))
-    result.pruned = prune_children(kube, md_name, namespace, keep)
+    result.pruned = prune_children(kube, md_name, namespace, keep, owner_uid)
     return result
 
 
+def delete_children(kube: Kube, children: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Delete the named children (no list: works for any name). Returns what was deleted."""
+    deleted = []
+    for child in children:
+        _, _, namespace, name = object_key(child)
+        if kube.delete(kind_of(child), namespace or None, name):
+            deleted.append(describe(child))
+    return deleted
+
+
 def prune_children(
-    kube: Kube, md_name: str, namespace: str, keep: set[tuple[str, str, str, str]] | None = None
+    kube: Kube,
+    md_name: str,
+    namespace: str,
+    keep: set[tuple[str, str, str, str]] | None = None,
+    owner_uid: str | None = None,
 ) -> list[str]:
-    """Delete the labelled children of `md_name` not in `keep` (all of them when keep is empty)."""
-    pruned = []
+    """Delete the labelled children of `md_name` not in `keep` (all when keep is empty) that
+    `owner_uid` owns (when given): an object someone else labelled is never touched."""
+    pruned: list[str] = []
     for kind in CHILD_KINDS:
-        for obj in kube.list(kind, namespace, {MD_LABEL: md_name}):
+        try:
+            found = kube.list(kind, namespace, {MD_LABEL: md_name})
+        except KubeApiError as error:
+            if error.status == 400:  # not a valid label value: no object can carry it
+                return pruned
+            raise
+        for obj in found:
             obj.setdefault("apiVersion", kind.api_version)
             obj.setdefault("kind", kind.kind)
             if object_key(obj) in (keep or set()):
+                continue
+            if owner_uid is not None and not owned_by(obj, owner_uid):
                 continue
             name = str(obj["metadata"]["name"])
             if kube.delete(kind, namespace, name):
@@ -343,112 +515,26 @@ def prune_children(
     return pruned
 
 
-def pool_user_key(namespace: str, name: str) -> str:
-    """The annotation key one ModelDeployment writes on each shared pool object it uses."""
-    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
-    return POOL_USER_PREFIX + digest
+def sync_pool(kube: Kube, pool_name: str, objects: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Make one shared pool exactly `objects` (every user's share combined, by the caller, from
+    an index of the ModelDeployments that want it); delete it when `objects` is empty.
 
-
-def pool_contributions(obj: Mapping[str, Any], exclude: str | None = None) -> dict[str, Any]:
-    """{user annotation key: {'user': 'ns/name', 'object': its own render}} recorded on a pool."""
-    annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    found = {}
-    for key, value in annotations.items():
-        if key.startswith(POOL_USER_PREFIX) and key != exclude:
-            try:
-                found[key] = json.loads(value)
-            except ValueError:  # written by hand: count the user, contribute nothing
-                found[key] = {"user": str(value), "object": None}
-    return found
-
-
-def pool_users(obj: Mapping[str, Any]) -> list[str]:
-    """'namespace/name' of every ModelDeployment recorded as using a pool object."""
-    return sorted(str(c.get("user")) for c in pool_contributions(obj).values())
-
-
-def _merged_pool_object(
-    mine: Mapping[str, Any] | None, live: Mapping[str, Any] | None, exclude: str
-) -> dict[str, Any] | None:
-    """This render of a pool object combined with the other users' recorded renders."""
-    from .nodepool import merge_node_pool_objects
-
-    renders = [[dict(mine)]] if mine is not None else []
-    for contribution in pool_contributions(live or {}, exclude=exclude).values():
-        if contribution.get("object"):
-            renders.append([contribution["object"]])
-    if not renders:
-        return None
-    merged = merge_node_pool_objects(renders)[0]
-    merged.get("metadata", {}).pop("annotations", None)  # user keys are written by merge patch
-    return merged
-
-
-def apply_node_pool(
-    kube: Kube, md_namespace: str, md_name: str, pool_objects: Sequence[Mapping[str, Any]]
-) -> ApplyResult:
-    """Apply the shared pool objects (combined with the other users' needs), record this
-    ModelDeployment as a user with its own render, and release the pools it no longer uses."""
+    The pool is an aggregate, never edited per user, so it needs no bookkeeping on the object
+    and a deleted pool is simply applied again. Returns what was applied or deleted."""
+    done = []
     with _POOL_LOCK:
-        return _apply_node_pool(kube, md_namespace, md_name, pool_objects)
-
-
-def _apply_node_pool(
-    kube: Kube, md_namespace: str, md_name: str, pool_objects: Sequence[Mapping[str, Any]]
-) -> ApplyResult:
-    result = ApplyResult()
-    user_key = pool_user_key(md_namespace, md_name)
-    keep: set[tuple[str, str]] = set()
-    for obj in pool_objects:
-        kind = kind_of(obj)
-        _, _, _, name = object_key(obj)
-        before = kube.get(kind, None, name)
-        merged = _merged_pool_object(obj, before, exclude=user_key)
-        assert merged is not None  # `obj` itself is one of the renders
-        after = kube.apply(merged)
-        record = json.dumps(
-            {"user": f"{md_namespace}/{md_name}", "object": dict(obj)}, separators=(",", ":")
-        )
-        kube.merge_patch(kind, None, name, {"metadata": {"annotations": {user_key: record}}})
-        result.applied.append(describe(obj))
-        if _essence(before) != _essence(after):
-            result.changed.append(describe(obj))
-        keep.add((kind.kind, name))
-    result.pools_released = _release_node_pools(kube, md_namespace, md_name, keep)
-    return result
-
-
-def release_node_pools(
-    kube: Kube, md_namespace: str, md_name: str, keep: set[tuple[str, str]] | None = None
-) -> list[str]:
-    """Drop this ModelDeployment from the pools it no longer uses: delete a pool left without
-    users, or shrink it to what the remaining users asked for. Returns the pools deleted."""
-    with _POOL_LOCK:
-        return _release_node_pools(kube, md_namespace, md_name, keep)
-
-
-def _release_node_pools(
-    kube: Kube, md_namespace: str, md_name: str, keep: set[tuple[str, str]] | None
-) -> list[str]:
-    user_key = pool_user_key(md_namespace, md_name)
-    deleted = []
-    for kind in POOL_KINDS:
-        for obj in kube.list(kind):
-            name = str(obj["metadata"]["name"])
-            annotations = obj["metadata"].get("annotations") or {}
-            if user_key not in annotations or (kind.kind, name) in (keep or set()):
-                continue
-            remaining = kube.merge_patch(
-                kind, None, name, {"metadata": {"annotations": {user_key: None}}}
-            )
-            if not pool_users(remaining):
-                if kube.delete(kind, None, name):
-                    deleted.append(f"{kind.kind} {name}")
-                continue
-            merged = _merged_pool_object(None, remaining, exclude=user_key)
-            if merged is not None:
-                kube.apply(merged)
-    return deleted
+        if not objects:
+            for kind in POOL_KINDS:  # NodePool first: it refers to the EC2NodeClass
+                live = kube.get(kind, None, pool_name)
+                labels = ((live or {}).get("metadata") or {}).get("labels") or {}
+                if live is not None and labels.get(MANAGED_BY_LABEL) == "modelship":
+                    kube.delete(kind, None, pool_name)
+                    done.append(f"deleted {kind.kind} {pool_name}")
+            return done
+        for obj in objects:
+            kube.apply(obj)
+            done.append(f"applied {describe(obj)}")
+    return done
 
 
 @dataclass(frozen=True)
@@ -459,6 +545,8 @@ class Observation:
     pods: list[dict[str, Any]]
     node_claims: list[dict[str, Any]]
     node_group_status: str | None = None
+    # Why a ReplicaSet of the workload cannot create pods (its ReplicaFailure message), if so.
+    replica_failure: str | None = None
 
 
 def observe(

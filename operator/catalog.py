@@ -8,7 +8,6 @@ instance types with the same name are replaced, new ones are added.
 from __future__ import annotations
 
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .plan import AcceleratorVendor
 
 GIB = 1 << 30
+# Beside this module in the checkout, the editable install and the wheel. Not importlib.resources:
+# modelship.operator is a namespace package, and Python 3.11 cannot read resources of one whose
+# path holds setuptools' editable placeholder entry.
+BUILTIN_CATALOG = Path(__file__).resolve().parent / "data" / "catalog.yaml"
 
 RESOURCE_NAMES: dict[AcceleratorVendor, str] = {
     "nvidia": "nvidia.com/gpu",
@@ -46,6 +49,10 @@ class Accelerator(_Entry):
     memory_gib: float = Field(alias="memoryGiB", gt=0)
     compute_capability: str | None = Field(None, alias="computeCapability")
     neuron_cores: int | None = Field(None, alias="neuronCores", ge=1)
+    # Memory per accelerator (GiB) that vLLM was measured to use beyond what sizing models: the
+    # ModelDeployment condition KVCacheAsPredicted computes it from the KV cache vLLM really
+    # allocated. A catalog override records it so later plans use it (docs/sizing.md).
+    extra_overhead_gib: float = Field(0.0, alias="extraOverheadGiB", ge=0)
     bf16: bool
     fp8: bool
     note: str = ""
@@ -76,12 +83,27 @@ class InstanceType(_Entry):
     memory_gib: float = Field(alias="memoryGiB", gt=0)
     network_gbps: str = Field(alias="networkGbps")
     efa: bool
+    efa_interfaces_listed: int | None = Field(None, alias="efaInterfaces", ge=1)
     usd_per_hour: float | None = Field(alias="usdPerHour", gt=0)
     price_source: str = Field(alias="priceSource")
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * GIB)
+
+    @property
+    def efa_interfaces(self) -> int:
+        """EFA devices a pod that has the node to itself requests (1 when not listed)."""
+        if not self.efa:
+            return 0
+        return self.efa_interfaces_listed or 1
+
+
+class NeuronSupport(_Entry):
+    """What vLLM on Neuron (NxD Inference) serves, with where that list comes from."""
+
+    source: str
+    architectures: list[str] = Field(min_length=1)
 
 
 class Catalog(_Entry):
@@ -90,6 +112,7 @@ class Catalog(_Entry):
     price_sources: dict[str, str] = Field(alias="priceSources")
     accelerators: dict[str, Accelerator]
     instance_types: list[InstanceType] = Field(alias="instanceTypes")
+    neuron_support: NeuronSupport = Field(alias="neuronSupport")
 
     @model_validator(mode="after")
     def _references(self) -> Catalog:
@@ -129,7 +152,7 @@ Kind = Literal["builtin", "override"]
 
 def _read(path: Path | None) -> dict[str, Any]:
     if path is None:
-        text = resources.files("modelship.operator").joinpath("data/catalog.yaml").read_text()
+        text = BUILTIN_CATALOG.read_text()
         where = "built-in catalog"
     else:
         try:
@@ -148,11 +171,20 @@ def _read(path: Path | None) -> dict[str, Any]:
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
-    for key in ("region", "priceDate"):
+    for key in ("region", "priceDate", "neuronSupport"):
         if key in override:
             merged[key] = override[key]
     merged["priceSources"] = {**base.get("priceSources", {}), **override.get("priceSources", {})}
-    merged["accelerators"] = {**base.get("accelerators", {}), **override.get("accelerators", {})}
+    # An accelerator in the override changes only the fields it gives (e.g. extraOverheadGiB
+    # measured in the cluster); a new name adds an accelerator.
+    base_accelerators = base.get("accelerators", {})
+    merged["accelerators"] = {
+        **base_accelerators,
+        **{
+            name: {**base_accelerators.get(name, {}), **(fields or {})}
+            for name, fields in override.get("accelerators", {}).items()
+        },
+    }
     replaced = {entry.get("name"): entry for entry in override.get("instanceTypes", [])}
     merged["instanceTypes"] = [
         replaced.pop(entry["name"], entry) for entry in base.get("instanceTypes", [])

@@ -62,9 +62,23 @@ class OperatorConfig(BaseModel):
         None, description="S3 endpoint override for S3-compatible stores."
     )
     resync_seconds: float = Field(
-        20,
+        300,
         gt=0,
-        description="How often the operator re-applies children and refreshes status.",
+        description="Safety-net resync: how often every ModelDeployment's children are re-applied "
+        "and its status refreshed. Changes to children, pods and node pools act at once (watches); "
+        "this only catches what a watch could miss.",
+    )
+    lease_namespace: str = Field(
+        "",
+        description="Namespace of the leader-election Lease; empty: the operator pod's own "
+        "namespace (POD_NAMESPACE, else the service account's), else modelship-system.",
+    )
+    lease_name: str = Field("modelship-operator", description="Name of the leader-election Lease.")
+    lease_seconds: float = Field(
+        15,
+        ge=3,
+        description="Leader-election Lease duration: how soon a standby replica takes over from a "
+        "leader that died without releasing the Lease.",
     )
     prometheus_url: str = Field(
         "http://prometheus-operated.monitoring.svc.cluster.local:9090",
@@ -92,6 +106,34 @@ class OperatorConfig(BaseModel):
     neuron_cache_uri: str | None = Field(
         None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
     )
+
+
+# The Helm value behind each setting that start-up checks, to name in errors.
+_HELM_VALUES = {
+    "cluster_name": "nodePools.clusterName",
+    "node_role": "nodePools.nodeRole",
+    "subnet_ids": "nodePools.subnetIds",
+}
+
+
+def check_operator_config(config: OperatorConfig) -> None:
+    """What the running operator needs beyond valid values: raise ConfigError at start-up naming
+    the variable, its Helm value and the fix, rather than failing every ModelDeployment later."""
+    needed: list[str] = []
+    if config.node_pool_mode == "karpenter" and not config.node_class_name:
+        needed = ["cluster_name", "node_role"]  # the EC2NodeClass modelship renders needs them
+    elif config.node_pool_mode == "eks-nodegroup":
+        needed = ["cluster_name", "node_role", "subnet_ids"]
+    missing = [name for name in needed if not getattr(config, name)]
+    if missing:
+        names = ", ".join(
+            f"{ENV_PREFIX}{name.upper()} (Helm: {_HELM_VALUES[name]})" for name in missing
+        )
+        raise ConfigError(
+            f"{names} must be set for node pool mode {config.node_pool_mode}: set them in the "
+            "ConfigMap modelship-config (or the chart's values), or use an existing EC2NodeClass "
+            "(MODELSHIP_NODE_CLASS_NAME, Helm: nodePools.nodeClassName), or node pool mode none."
+        )
 
 
 def _split(value: str) -> tuple[str, ...]:

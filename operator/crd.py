@@ -94,6 +94,9 @@ def build_crd() -> dict[str, Any]:
         "replicas; the operator sizes and provisions the rest."
     )
     spec["x-kubernetes-validations"] = api.SPEC_CEL_RULES
+    # `kubectl scale` reads and writes .spec.replicas.min: default the object so that path exists
+    # on every ModelDeployment (structural defaulting then fills min's own default).
+    spec["properties"]["replicas"]["default"] = {}
     status = _schema(api.ModelDeploymentStatus)
     status["description"] = "Observed state, written by the operator."
     # kopf records handler progress under status; keep what it writes instead of pruning it.
@@ -137,6 +140,7 @@ def build_crd() -> dict[str, Any]:
                                 "sizes and provisions."
                             ),
                             "required": ["spec"],
+                            "x-kubernetes-validations": api.NAME_CEL_RULES,
                             "properties": {
                                 "apiVersion": {
                                     "type": "string",

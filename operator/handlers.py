@@ -1,59 +1,107 @@
 """kopf handlers: parse, inspect, plan, render, apply, report. No business logic lives here.
 
-- create / update (of spec) / resume: reconcile. A bad spec, an unreadable model or a plan with
-  no placement is reported in status conditions and a Warning Event, and raised as
-  kopf.PermanentError (no retry storm); the running children are left exactly as they are, so
-  the last good workload keeps serving.
-- a timer (every MODELSHIP_RESYNC_SECONDS, default 20) re-applies the last good children
-  (restoring what someone deleted or edited) and refreshes status and phase.
-- delete: prune every child, release the shared node pool / node group (deleted when unused).
+- create / update (of spec) / resume: reconcile. The last good plan is kept in the cluster (the
+  annotation `modelship.dev/last-good`: generation, spec and placement), so any replica can
+  restore children after a restart without reading the model again. A bad spec, an unreadable
+  model or a plan with no placement is reported in status and a Warning Event and raised as
+  kopf.PermanentError; the running children are left as they are (the last good workload keeps
+  serving). A model store or API server that fails for now is retried with backoff and shown in
+  status meanwhile.
+- Watches wake the owner, as controller-runtime's `Owns()` does: a child deleted or edited by
+  hand is restored at once; a changed workload, pod or NodeClaim refreshes status (written only
+  when it changed). Pods, NodeClaims and ModelDeployments are read from kopf indexes, so an idle
+  ModelDeployment costs no requests. A slow timer (MODELSHIP_RESYNC_SECONDS) is the safety net.
+- Node pools are aggregates: the `pool_users` index maps each pool to the ModelDeployments that
+  want it (current placement, and the previous one until the new workload is rolled out: make
+  before break); a pool is applied as their combination and deleted when nobody wants it. A
+  deleted NodePool is applied again.
+- delete: delete children by name (no list a bad name could fail), leave the pools.
 
-Settings: peering `modelship` (leader election between replicas; optional, so a cluster
-without kopf's peering CRDs still runs), finalizer `modelship.dev/finalizer`, kopf's progress
-and diff-base kept in annotations (status holds only what status.py writes), Events posted.
+Settings: no kopf peering (operator/leader.py elects one replica with a Lease), finalizer
+`modelship.dev/finalizer`, kopf's progress and diff-base kept in annotations, Events posted.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime
+import json
 import logging
+import os
+import signal
+import socket
 import threading
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import kopf
 
 from .activator import Activator
-from .api import GROUP, PLURAL, VERSION, SpecError, load_spec
+from .api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, check_name, load_spec
 from .apply import (
-    DEPLOYMENT,
-    LEADER_WORKER_SET,
+    KARPENTER_POOL_LABEL,
+    MD_LABEL,
+    WORKLOAD_KINDS,
+    Kind,
     Kube,
     KubeApiError,
+    Observation,
+    apply_child,
     apply_children,
-    apply_node_pool,
+    delete_children,
+    foreign_fields,
     kind_of,
-    observe,
+    object_key,
     prune_children,
-    release_node_pools,
+    sync_pool,
 )
 from .catalog import Catalog, load_catalog
-from .config import OperatorConfig, load_config
+from .config import ConfigError, OperatorConfig, check_operator_config, load_config
+from .kvfeedback import PrometheusError, measured_kv_tokens
+from .leader import LeaderElector, LeaseSettings
 from .modelinfo import ModelInfoError, inspect_model
 from .nodegroups import NodeGroups
+from .nodepool import karpenter_objects, merge_node_pool_objects, pool_name
 from .opmetrics import METRICS
 from .plan import Placement
-from .render import ModelDeploymentRef, Rendered, RenderError, endpoint_url, render
+from .render import (
+    GENERATION_ANNOTATION,
+    ModelDeploymentRef,
+    Rendered,
+    RenderError,
+    endpoint_url,
+    render,
+    replica_bounds,
+)
 from .sizing import make_plan
-from .status import Failure, ReconcileFacts, build_status
+from .status import Failure, ReconcileFacts, StatusUpdate, build_status
 
 FINALIZER = "modelship.dev/finalizer"
-PEERING_NAME = "modelship"
+LAST_GOOD = "modelship.dev/last-good"
 # The timer interval is fixed when kopf registers the handler, so it is read at import.
 RESYNC_SECONDS = load_config().resync_seconds
 RETRY_SECONDS = 10
+MAX_RETRY_SECONDS = 300
+MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECTIONS matches)
 RESOURCE = (GROUP, VERSION, PLURAL)
+MD_KIND = Kind(f"{GROUP}/{VERSION}", "ModelDeployment", PLURAL, True)
+CHILD_RESOURCES: tuple[tuple[str, ...], ...] = (
+    ("deployments.apps",),
+    ("v1", "services"),
+    ("poddisruptionbudgets.policy",),
+    ("scaledobjects.keda.sh",),
+    ("horizontalpodautoscalers.autoscaling",),
+    ("podmonitors.monitoring.coreos.com",),
+    ("leaderworkersets.leaderworkerset.x-k8s.io",),
+)
+POOL_RESOURCES = ("nodepools.karpenter.sh", "ec2nodeclasses.karpenter.k8s.aws")
+MANAGED = {"app.kubernetes.io/managed-by": "modelship"}
+logger = logging.getLogger("modelship.operator")
+
+Key = tuple[str, str]  # (namespace, name) of a ModelDeployment
 
 
 @dataclass(frozen=True)
@@ -66,42 +114,413 @@ class Context:
     node_groups: NodeGroups | None
 
 
+@dataclass
+class State:
+    """Shared by every handler (kopf gives each object a shallow copy of the operator's memo, so
+    these containers are the same objects everywhere)."""
+
+    failures: dict[Key, Failure] = field(default_factory=dict)
+    # What the change handlers last acted on: (generation, last good plan). Refreshes between
+    # them use this rather than the watched object, whose annotation and status may lag.
+    acted: dict[Key, tuple[int, LastGood | None]] = field(default_factory=dict)
+    workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # KV-cache tokens vLLM allocated, read from Prometheus at each resync (kvfeedback.py).
+    measured_kv: dict[Key, int] = field(default_factory=dict)
+    # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
+    replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
+    applied_pools: dict[str, str] = field(default_factory=dict)
+    shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
+    rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
+    _locks: dict[Key, threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, key: Key) -> threading.Lock:
+        """One lock per ModelDeployment: its handlers never interleave."""
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def forget(self, key: Key) -> None:
+        self.failures.pop(key, None)
+        self.acted.pop(key, None)
+        self.replica_failures.pop(key, None)
+        self.measured_kv.pop(key, None)
+        self.workloads.pop(key, None)
+        with self._guard:
+            self._locks.pop(key, None)
+
+
 @dataclass(frozen=True)
 class LastGood:
-    """The last reconcile that applied: what the running children were made from."""
+    """The last plan that applied: what the running children are made from. `draining` holds
+    earlier placements whose pods may still serve until the new workload is rolled out."""
 
     generation: int
+    spec: ModelDeploymentSpec
     placement: Placement
-    rendered: Rendered
-    endpoint: str
+    draining: tuple[Placement, ...] = ()
+
+    def annotation(self) -> str:
+        return json.dumps(
+            {
+                "generation": self.generation,
+                "spec": self.spec.to_k8s(),
+                "placement": self.placement.to_json_dict(),
+                "draining": [p.to_json_dict() for p in self.draining],
+            },
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> LastGood | None:
+        text = ((body.get("metadata") or {}).get("annotations") or {}).get(LAST_GOOD)
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(
+                generation=int(data["generation"]),
+                spec=ModelDeploymentSpec.model_validate(data["spec"]),
+                placement=Placement.model_validate(data["placement"]),
+                draining=tuple(Placement.model_validate(p) for p in data.get("draining") or []),
+            )
+        except (ValueError, KeyError, TypeError) as error:  # edited by hand: plan afresh
+            logger.warning("ignoring an unreadable %s annotation: %s", LAST_GOOD, error)
+            return None
 
 
 class Rejected(Exception):
-    """The spec cannot be acted on; carries the status failure."""
+    """The spec cannot be acted on (now); carries the status failure."""
 
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
         self.failure = failure
 
 
-_memo_lock = threading.Lock()
+def key_of(body: Mapping[str, Any]) -> Key:
+    meta = body["metadata"]
+    return str(meta["namespace"]), str(meta["name"])
 
 
-def _object_lock(memo: Any) -> threading.Lock:
-    """One lock per ModelDeployment: the timer and the change handlers never interleave."""
-    with _memo_lock:
-        if not hasattr(memo, "lock"):
-            memo.lock = threading.Lock()
-        return memo.lock
+def md_ref(
+    body: Mapping[str, Any], spec: ModelDeploymentSpec, generation: int
+) -> ModelDeploymentRef:
+    meta = body["metadata"]
+    return ModelDeploymentRef(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta["uid"],
+        generation=generation,
+        spec=spec,
+    )
+
+
+def rendered_for(
+    context: Context, state: State, body: Mapping[str, Any], last: LastGood
+) -> Rendered:
+    """The children of the last good plan (pure; cached per ModelDeployment and plan)."""
+    cache_key = (str(body["metadata"]["uid"]), last.annotation())
+    cached = state.rendered.get(cache_key)
+    if cached is None:
+        cached = render(md_ref(body, last.spec, last.generation), last.placement, context.config)
+        if len(state.rendered) > 4096:  # bound the cache; entries are cheap to recompute
+            state.rendered.clear()
+        state.rendered[cache_key] = cached
+    return cached
+
+
+def pools_of(last: LastGood) -> list[tuple[str, Placement]]:
+    """(pool, placement) this ModelDeployment wants: its current one, then those draining."""
+    seen: dict[str, Placement] = {}
+    for placement in (last.placement, *last.draining):
+        seen.setdefault(pool_name(placement.instance_type, placement.capacity_type), placement)
+    return list(seen.items())
+
+
+def backoff_seconds(retry: int) -> float:
+    return float(min(MAX_RETRY_SECONDS, RETRY_SECONDS * 2 ** min(retry, 6)))
+
+
+# ---- indexes ----------------------------------------------------------------------------------
+
+
+def _slim(body: Mapping[str, Any], keep_spec: Iterable[str] = ()) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "generation", "deletionTimestamp", "annotations")
+            if k in meta
+        },
+        "spec": {k: spec[k] for k in keep_spec if k in spec},
+        "status": dict(body.get("status") or {}),
+    }
+
+
+@kopf.index(*RESOURCE)
+def model_deployments(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[Key, Any]:
+    """(namespace, name) -> the ModelDeployment (metadata, status)."""
+    return {(namespace or "", name): _slim(body)}
+
+
+@kopf.index(*RESOURCE)
+def pool_users(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Any]:
+    """pool -> {user, placement, maxReplicas} for every pool a ModelDeployment wants."""
+    last = LastGood.from_body(body)
+    if last is None or body["metadata"].get("deletionTimestamp"):
+        return {}  # a ModelDeployment being deleted wants no pool: it is not restored for it
+    high = replica_bounds(md_ref(body, last.spec, last.generation))[1]
+    return {
+        pool: {"user": f"{namespace}/{name}", "placement": placement_key(p), "maxReplicas": high}
+        for pool, p in pools_of(last)
+    }
+
+
+@kopf.index("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
+def runtime_pods(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Key, Any]:
+    """(namespace, ModelDeployment) -> its pods (metadata, node, status)."""
+    return {(namespace or "", labels[MD_LABEL]): _slim(body, keep_spec=("nodeName",))}
+
+
+@kopf.index("nodeclaims.karpenter.sh", labels={KARPENTER_POOL_LABEL: kopf.PRESENT})
+def node_claims(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+    """Karpenter pool -> its NodeClaims (metadata, status)."""
+    return {labels[KARPENTER_POOL_LABEL]: _slim(body)}
+
+
+def _index_list(index: Any, key: Any) -> list[dict[str, Any]]:
+    return [dict(item) for item in index.get(key, [])] if index is not None else []
+
+
+# ---- pools ------------------------------------------------------------------------------------
+
+
+def placement_key(placement: Placement) -> str:
+    """A placement as a canonical string: equal placements share one rendered pool share."""
+    return json.dumps(placement.to_json_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _share(context: Context, state: State, key: str, max_replicas: int) -> list[dict[str, Any]]:
+    """One user's pool objects, rendered once per distinct (placement, max replicas): a pool
+    with a thousand users of the same hardware costs one render, not a thousand."""
+    cached = state.shares.get((key, max_replicas))
+    if cached is None:
+        if len(state.shares) > 4096:
+            state.shares.clear()
+        placement = Placement.model_validate_json(key)
+        cached = karpenter_objects(placement, context.config, max_replicas)
+        state.shares[(key, max_replicas)] = cached
+    return cached
+
+
+def sync_pools(
+    context: Context,
+    state: State,
+    index: Any,
+    pools: Iterable[str],
+    user: str,
+    mine: Mapping[str, tuple[Placement, int]] | None,
+    force: bool = False,
+) -> None:
+    """Apply each pool as the combination of everyone who wants it, with `user`'s own share
+    replaced by `mine` (the index may not have seen this user's latest plan yet). A pool whose
+    combination did not change since this process applied it costs no request."""
+    if context.config.node_pool_mode != "karpenter":
+        return
+    for pool in pools:
+        shares = [
+            _share(context, state, str(item["placement"]), int(item["maxReplicas"]))
+            for item in (index.get(pool, []) if index is not None else [])
+            if item["user"] != user
+        ]
+        if mine and pool in mine:
+            placement, high = mine[pool]
+            shares.append(_share(context, state, placement_key(placement), high))
+        merged = merge_node_pool_objects(shares)
+        fingerprint = json.dumps(merged, sort_keys=True)
+        if not force and state.applied_pools.get(pool) == fingerprint:
+            continue
+        sync_pool(context.kube, pool, merged)
+        state.applied_pools[pool] = fingerprint
+
+
+def my_pools(last: LastGood | None) -> dict[str, tuple[Placement, int]]:
+    if last is None:
+        return {}
+    high = (
+        last.spec.replicas.max
+        if last.spec.replicas.max is not None
+        else max(last.spec.replicas.min, 1)
+    )
+    return {pool: (placement, high) for pool, placement in pools_of(last)}
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+
+def compute_status(
+    context: Context,
+    state: State,
+    body: Mapping[str, Any],
+    last: LastGood | None,
+    failure: Failure | None,
+    generation: int,
+    pods_index: Any,
+    claims_index: Any,
+    previous: Mapping[str, Any] | None,
+) -> StatusUpdate:
+    """The status to write, from what the watches have seen (no requests)."""
+    key = key_of(body)
+    rendered = rendered_for(context, state, body, last) if last else None
+    workload = next(
+        (c for c in (rendered.children if rendered else []) if kind_of(c) in WORKLOAD_KINDS), None
+    )
+    selector = ""
+    if workload is not None:
+        match = (workload.get("spec") or {}).get("selector", {}).get("matchLabels") or {}
+        selector = ",".join(f"{k}={v}" for k, v in match.items())
+    node_group_status = None
+    if rendered and rendered.node_group and context.node_groups:
+        node_group = context.node_groups.state(rendered.node_group.name)
+        node_group_status = node_group.status if node_group else None
+    observation = Observation(
+        workload=state.workloads.get(key) if workload is not None else None,
+        pods=_index_list(pods_index, key),
+        node_claims=_index_list(claims_index, rendered.pool_name) if rendered else [],
+        node_group_status=node_group_status,
+        replica_failure=next(iter(state.replica_failures.get(key, {}).values()), None),
+    )
+    md = md_ref(body, last.spec, last.generation) if last else None
+    return build_status(
+        ReconcileFacts(
+            generation=generation,
+            failure=failure,
+            placement=last.placement if last else None,
+            pool_name=rendered.pool_name if rendered else None,
+            observation=observation,
+            endpoint=endpoint_url(md, context.config) if md else None,
+            selector=selector or None,
+            measured_kv_cache_tokens=state.measured_kv.get(key) if last else None,
+        ),
+        previous,
+        datetime.datetime.now(tz=datetime.UTC),
+    )
+
+
+def _as_body(obj: Mapping[str, Any]) -> kopf.Body:
+    """A kopf Body of a plain dict (Events name their object through it)."""
+    return kopf.Body(cast(kopf.RawBody, dict(obj)))
+
+
+def post_events(body: Mapping[str, Any], update: StatusUpdate) -> None:
+    for event in update.events:
+        kopf.event(_as_body(body), type=event.type, reason=event.reason, message=event.message)
+    meta = body["metadata"]
+    METRICS.set_phase(f"{meta['namespace']}/{meta['name']}", update.status["phase"])
+
+
+def _status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    old = old or {}
+    return any(old.get(key) != value for key, value in new.items())
+
+
+def rollout_done(workload: Mapping[str, Any] | None, generation: int) -> bool:
+    """The workload of `generation` serves every replica and no older pod is left."""
+    if not workload:
+        return False
+    meta, spec, status = (
+        workload["metadata"],
+        workload.get("spec") or {},
+        workload.get("status") or {},
+    )
+    if (meta.get("annotations") or {}).get(GENERATION_ANNOTATION) != str(generation):
+        return False
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return False
+    wanted = int(spec.get("replicas", 1))
+    return (
+        int(status.get("updatedReplicas") or 0) >= wanted
+        and int(status.get("readyReplicas") or 0) >= wanted
+        and int(status.get("replicas") or 0) <= int(status.get("updatedReplicas") or 0)
+    )
+
+
+def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]) -> None:
+    """Recompute a ModelDeployment's status from the watches; write it only when it changed.
+    Release a draining pool once the new workload is rolled out (make before break)."""
+    lock = state.lock(key)
+    # A reconcile holding the lock writes status itself, and that write wakes a refresh again.
+    if not lock.acquire(timeout=5):
+        return
+    try:
+        acted = state.acted.get(key)
+        mds = _index_list(indexes["model_deployments"], key)
+        if acted is None or not mds or mds[0]["metadata"].get("deletionTimestamp"):
+            return  # not acted on yet (the change handlers write the first status), or going
+        generation, last = acted
+        body = mds[0]
+        if last and last.draining and rollout_done(state.workloads.get(key), last.generation):
+            drained = LastGood(last.generation, last.spec, last.placement)
+            context.kube.merge_patch(
+                MD_KIND,
+                key[0],
+                key[1],
+                {"metadata": {"annotations": {LAST_GOOD: drained.annotation()}}},
+            )
+            state.acted[key] = (generation, drained)
+            sync_pools(
+                context,
+                state,
+                indexes["pool_users"],
+                [pool for pool, _ in pools_of(last)],
+                f"{key[0]}/{key[1]}",
+                my_pools(drained),
+            )
+            last = drained
+        # Compared with what the watch last saw stored: a write that raced another is redone.
+        previous = body.get("status")
+        update = compute_status(
+            context,
+            state,
+            body,
+            last,
+            state.failures.get(key),
+            generation,
+            indexes["runtime_pods"],
+            indexes["node_claims"],
+            previous,
+        )
+        if _status_changed(previous, update.status):
+            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
+            post_events(body, update)
+    except KubeApiError as error:
+        logger.warning("could not refresh %s/%s: %s", key[0], key[1], error)
+    finally:
+        lock.release()
+
+
+def _indexes(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        name: kwargs.get(name)
+        for name in ("model_deployments", "pool_users", "runtime_pods", "node_claims")
+    }
+
+
+# ---- start-up ---------------------------------------------------------------------------------
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Load and check the configuration and catalog; configure kopf; serve the activator."""
     config = load_config()
-    settings.peering.name = PEERING_NAME
-    settings.peering.mandatory = False
-    settings.peering.clusterwide = not config.namespaces
+    check_operator_config(config)
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="modelship.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -109,7 +528,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
-    settings.execution.max_workers = 32  # sync handlers wait on the API, not on the CPU
+    settings.execution.max_workers = MAX_WORKERS
+    # A deleted ModelDeployment waits for its timer to stop: check every second, not every 60.
+    settings.background.cancellation_polling = 1
     node_groups = NodeGroups(config) if config.node_pool_mode == "eks-nodegroup" else None
     memo.context = Context(
         config=config,
@@ -117,9 +538,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         kube=Kube.from_environment(),
         node_groups=node_groups,
     )
+    memo.state = State()
     # The activator (operator/activator.py) runs on every replica, leader or not: it keeps no
     # state, and a standby replica behind the Service answers too.
-    if config.activator_port:
+    if config.activator_port and not memo.get("activator"):
         activator = Activator(
             hold_seconds=config.activator_hold_seconds, pending=METRICS.activator_pending
         )
@@ -132,6 +554,7 @@ async def stop_activator(memo: kopf.Memo, **_: Any) -> None:
     activator = memo.get("activator")
     if activator is not None:
         await activator.stop()
+        memo.activator = None
 
 
 @kopf.on.login()
@@ -140,10 +563,13 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def plan_and_render(context: Context, body: kopf.Body) -> tuple[Placement, Rendered, str]:
-    """Parse the spec, inspect the model, plan and render; Rejected when it cannot be served."""
-    meta = body["metadata"]
+# ---- reconcile --------------------------------------------------------------------------------
+
+
+def plan(context: Context, body: kopf.Body) -> tuple[ModelDeploymentSpec, Placement]:
+    """Parse the spec, inspect the model and plan; Rejected when it cannot be served (now)."""
     try:
+        check_name(body["metadata"]["name"])
         spec = load_spec(dict(body.get("spec") or {}))
         info = inspect_model(
             spec.model.source,
@@ -151,198 +577,429 @@ def plan_and_render(context: Context, body: kopf.Body) -> tuple[Placement, Rende
             parameters=spec.model.parameter_count,
             endpoint_url=context.config.s3_endpoint_url,
         )
-        plan = make_plan(info, spec, context.catalog)
-        if plan.chosen is None:
-            raise Rejected(Failure("NoPlacement", "nothing fits: " + "; ".join(plan.suggestions)))
-        md = ModelDeploymentRef(
-            name=meta["name"],
-            namespace=meta["namespace"],
-            uid=meta["uid"],
-            generation=int(meta.get("generation") or 1),
-            spec=spec,
-        )
-        return (
-            plan.chosen,
-            render(md, plan.chosen, context.config),
-            endpoint_url(md, context.config),
-        )
+        result = make_plan(info, spec, context.catalog)
+        if result.chosen is None:
+            raise Rejected(Failure("NoPlacement", "nothing fits: " + "; ".join(result.suggestions)))
+        return spec, result.chosen
     except SpecError as error:
         raise Rejected(Failure("InvalidSpec", str(error))) from None
     except ModelInfoError as error:
-        raise Rejected(Failure("ModelUnreadable", f"spec.model.uri: {error}")) from None
-    except RenderError as error:
-        raise Rejected(Failure("RenderFailed", str(error))) from None
+        message = f"spec.model.uri: {error}"
+        if error.transient:
+            raise Rejected(Failure("ModelUnreachable", message)) from None
+        raise Rejected(Failure("ModelUnreadable", message)) from None
 
 
-def apply_rendered(context: Context, name: str, namespace: str, rendered: Rendered) -> str | None:
-    """Apply node pool (or node group) and children; returns the node group's status."""
-    node_group_status = None
+def apply_last_good(
+    context: Context, state: State, body: Mapping[str, Any], last: LastGood, index: Any, prune: bool
+) -> Rendered:
+    """Apply the pools, node group and children of a plan; prune what it no longer renders."""
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    rendered = rendered_for(context, state, body, last)
     if rendered.node_group is not None and context.node_groups is not None:
-        state = context.node_groups.ensure(rendered.node_group, namespace, name)
+        context.node_groups.ensure(rendered.node_group, namespace, name)
         context.node_groups.release(namespace, name, keep=rendered.node_group.name)
-        node_group_status = state.status
-    apply_node_pool(context.kube, namespace, name, rendered.node_pool_objects)
-    apply_children(context.kube, name, namespace, rendered.children)
-    return node_group_status
-
-
-def report(
-    body: kopf.Body,
-    patch: kopf.Patch,
-    context: Context,
-    last_good: LastGood | None,
-    failure: Failure | None,
-    generation: int,
-    node_group_status: str | None = None,
-) -> str:
-    """Observe the workload, write status, post an Event per transition; returns the phase."""
-    meta = body["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
-    workload: dict[str, Any] = (
-        next(
-            c for c in last_good.rendered.children if kind_of(c) in (DEPLOYMENT, LEADER_WORKER_SET)
-        )
-        if last_good
-        else {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}}
-    )
-    if (
-        node_group_status is None
-        and last_good
-        and last_good.rendered.node_group
-        and context.node_groups
-    ):
-        state = context.node_groups.state(last_good.rendered.node_group.name)
-        node_group_status = state.status if state else None
-    observation = observe(
-        context.kube,
-        namespace,
-        name,
-        workload,
-        last_good.rendered.pool_name if last_good else None,
-        node_group_status,
-    )
-    spec: dict[str, Any] = workload.get("spec") or {}
-    match_labels: dict[str, str] = (spec.get("selector") or {}).get("matchLabels") or {}
-    selector = ",".join(f"{k}={v}" for k, v in match_labels.items())
-    update = build_status(
-        ReconcileFacts(
-            generation=generation,
-            failure=failure,
-            placement=last_good.placement if last_good else None,
-            pool_name=last_good.rendered.pool_name if last_good else None,
-            observation=observation,
-            endpoint=last_good.endpoint if last_good else None,
-            selector=selector or None,
-        ),
-        body.get("status"),
-        datetime.datetime.now(tz=datetime.UTC),
-    )
-    patch.status.update(update.status)
-    for event in update.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    METRICS.set_phase(f"{namespace}/{name}", update.status["phase"])
-    return str(update.status["phase"])
+    sync_pools(context, state, index, my_pools(last), f"{namespace}/{name}", my_pools(last))
+    uid = str(body["metadata"]["uid"])
+    if prune:
+        apply_children(context.kube, name, namespace, rendered.children, False, owner_uid=uid)
+    else:
+        for child in rendered.children:
+            apply_child(context.kube, child)
+    return rendered
 
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+def reconcile(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **kwargs: Any
+) -> None:
     """Parse, inspect, plan, render, apply, report."""
     context: Context = memo.context
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    state: State = memo.state
+    key = key_of(body)
     generation = int(body["metadata"].get("generation") or 1)
-    with METRICS.reconcile() as outcome, _object_lock(memo):
+    indexes = _indexes(kwargs)
+    last = LastGood.from_body(body)
+    with METRICS.reconcile() as outcome, state.lock(key):
+        failure: Failure | None = None
         try:
-            placement, rendered, endpoint = plan_and_render(context, body)
+            if last is not None and last.generation == generation:
+                spec, placement = last.spec, last.placement  # a restart: no need to read the model
+            else:
+                spec, placement = plan(context, body)
         except Rejected as rejected:
-            memo.failure, memo.observed_generation = rejected.failure, generation
-            report(body, patch, context, getattr(memo, "last_good", None), memo.failure, generation)
-            outcome[0] = "rejected"
-            raise kopf.PermanentError(rejected.failure.message) from None
+            failure = rejected.failure
+        except RenderError as error:
+            failure = Failure("RenderFailed", str(error))
+        if failure is None:
+            draining = tuple(
+                p
+                for p in ((last.placement, *last.draining) if last else ())
+                if pool_name(p.instance_type, p.capacity_type)
+                != pool_name(placement.instance_type, placement.capacity_type)
+            )
+            candidate = LastGood(generation, spec, placement, draining)
+            try:
+                rendered_for(context, state, body, candidate)  # render errors are the spec's
+                apply_last_good(context, state, body, candidate, indexes["pool_users"], prune=True)
+                last = candidate
+                patch.metadata.setdefault("annotations", {})[LAST_GOOD] = candidate.annotation()
+                METRICS.set_plan(key[0], key[1], placement)
+            except RenderError as error:
+                failure = Failure("RenderFailed", str(error))
+            except KubeApiError as error:
+                failure = Failure("ApplyFailed", str(error))
+            except Exception as error:  # boto3 (node groups): network or throttling
+                failure = Failure("ApplyFailed", f"node group: {error}")
+        elif last is not None:
+            # Whatever is wrong with the new spec, what serves stays as it was (restored).
+            with contextlib.suppress(KubeApiError, RenderError):
+                apply_last_good(context, state, body, last, indexes["pool_users"], prune=False)
+        if failure is None:
+            state.failures.pop(key, None)
+        else:
+            state.failures[key] = failure
+        view = {**body, "metadata": {**body["metadata"]}}
+        if last is not None:
+            annotations = dict(body["metadata"].get("annotations") or {})
+            annotations[LAST_GOOD] = last.annotation()
+            view["metadata"]["annotations"] = annotations
+        previous = body.get("status")
+        update = compute_status(
+            context,
+            state,
+            view,
+            last,
+            failure,
+            generation,
+            indexes["runtime_pods"],
+            indexes["node_claims"],
+            previous,
+        )
+        # Written now, under the lock, not by kopf after the handler returns: a refresh that runs
+        # in between would otherwise be overwritten by this older view.
         try:
-            node_group_status = apply_rendered(context, name, namespace, rendered)
+            context.kube.merge_patch(MD_KIND, key[0], key[1], {"status": update.status}, "status")
         except KubeApiError as error:
+            logger.warning("could not write the status of %s/%s: %s", key[0], key[1], error)
+        state.acted[key] = (generation, last)
+        post_events(body, update)
+        if failure is None:
+            outcome[0] = "success"
+            return
+        if failure.transient:
             outcome[0] = "retry"
-            delay = RETRY_SECONDS if error.transient else 60
-            raise kopf.TemporaryError(str(error), delay=delay) from None
-        except Exception as error:  # boto3 (node groups): network or throttling, retried
-            outcome[0] = "retry"
-            raise kopf.TemporaryError(f"node group: {error}", delay=RETRY_SECONDS * 3) from None
-        memo.last_good = LastGood(generation, placement, rendered, endpoint)
-        memo.failure, memo.observed_generation = None, generation
-        METRICS.set_plan(namespace, name, placement)
-        report(body, patch, context, memo.last_good, None, generation, node_group_status)
-        outcome[0] = "success"
+            raise kopf.TemporaryError(failure.message, delay=backoff_seconds(retry))
+        outcome[0] = "rejected"
+        raise kopf.PermanentError(failure.message)
 
 
 @kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    """Restore children that were deleted or edited; refresh status and phase."""
+def resync(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """The safety net: re-apply the last good children and pools, refresh status."""
     context: Context = memo.context
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    lock = _object_lock(memo)
-    if not lock.acquire(blocking=False):
-        return  # a change handler is reconciling this object right now; it writes the status
-    try:
-        generation: int | None = getattr(memo, "observed_generation", None)
-        if generation is None:
-            return  # the change handlers have not acted yet; they write the first status
-        last_good: LastGood | None = getattr(memo, "last_good", None)
-        if last_good is not None:
-            children = last_good.rendered.children
-            apply_children(context.kube, name, namespace, children, detect_changes=False)
-        report(body, patch, context, last_good, memo.failure, generation)
-    except KubeApiError as error:
-        raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from None
-    finally:
-        lock.release()
+    state: State = memo.state
+    key = key_of(body)
+    last = state.acted.get(key, (0, None))[1]
+    indexes = _indexes(kwargs)
+    lock = state.lock(key)
+    if last is not None and lock.acquire(blocking=False):
+        try:
+            apply_last_good(context, state, body, last, indexes["pool_users"], prune=False)
+        except (KubeApiError, RenderError) as error:
+            logger.warning("resync of %s/%s: %s", key[0], key[1], error)
+        finally:
+            lock.release()
+    if last is not None and context.config.prometheus_url:
+        try:
+            measured = measured_kv_tokens(context.config.prometheus_url, *key)
+        except PrometheusError as error:
+            logger.debug("no measured KV cache for %s/%s: %s", key[0], key[1], error)
+            measured = None
+        if measured is not None:
+            state.measured_kv[key] = measured
+            METRICS.set_measured_kv(key[0], key[1], measured)
+    refresh(context, state, key, indexes)
+
+
+# ---- watches of children, pods, node claims and pools -----------------------------------------
+
+
+def child_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """A child changed or went: restore it if it drifted from its render; refresh status."""
+    context: Context = memo.context
+    state: State = memo.state
+    key = (namespace or "", labels[MD_LABEL])
+    deleted = event.get("type") == "DELETED"
+    kind = (body.get("apiVersion"), body.get("kind"))
+    if kind in (("apps/v1", "Deployment"), ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")):
+        if deleted:
+            state.workloads.pop(key, None)
+        else:
+            state.workloads[key] = _slim(body, keep_spec=("replicas",))
+    indexes = _indexes(kwargs)
+    mds = _index_list(indexes["model_deployments"], key)
+    if mds and event.get("type") is not None and not mds[0]["metadata"].get("deletionTimestamp"):
+        md = mds[0]
+        last = state.acted.get(key, (0, None))[1]
+        if last is not None:
+            rendered = rendered_for(context, state, md, last)
+            wanted = next((c for c in rendered.children if object_key(c) == object_key(body)), None)
+            if wanted is not None and (deleted or _drifted(body, wanted)):
+                with state.lock(key):
+                    try:
+                        _, why = apply_child(context.kube, wanted)
+                        reason = "deleted" if deleted else (why or "changed by hand")
+                        kopf.event(
+                            _as_body(md),
+                            type="Normal",
+                            reason="ChildRestored",
+                            message=f"{kind[1]} {namespace}/{body['metadata']['name']} restored ({reason})",
+                        )
+                    except KubeApiError as error:
+                        logger.warning("could not restore a child of %s/%s: %s", *key, error)
+    refresh(context, state, key, indexes)
+
+
+def _drifted(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Edited by another manager, or a fixed replica count changed (through `kubectl scale`)."""
+    if foreign_fields(live):
+        return True
+    wanted_replicas = (wanted.get("spec") or {}).get("replicas")
+    return (
+        wanted_replicas is not None and (live.get("spec") or {}).get("replicas") != wanted_replicas
+    )
+
+
+for _resource in CHILD_RESOURCES:
+    kopf.on.event(*_resource, labels={MD_LABEL: kopf.PRESENT})(child_changed)
+
+
+@kopf.on.event(*RESOURCE)
+def model_deployment_changed(
+    event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """The ModelDeployment itself changed (its last good plan, or status another handler
+    wrote before the watches caught up): recompute status; nothing is written if it holds."""
+    if event.get("type") is not None:
+        refresh(memo.context, memo.state, (namespace or "", name), _indexes(kwargs))
+
+
+@kopf.on.event("replicasets.apps", labels={MD_LABEL: kopf.PRESENT})
+def replica_set_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """A workload's ReplicaSet reports whether it can create pods (a missing ServiceAccount, a
+    PodSecurity or quota rejection: its ReplicaFailure condition says which, at once)."""
+    state: State = memo.state
+    key = (namespace or "", labels[MD_LABEL])
+    failures = state.replica_failures.setdefault(key, {})
+    condition = next(
+        (
+            c
+            for c in (body.get("status") or {}).get("conditions") or []
+            if c.get("type") == "ReplicaFailure"
+        ),
+        None,
+    )
+    if event.get("type") != "DELETED" and condition and condition.get("status") == "True":
+        failures[name] = str(condition.get("message") or condition.get("reason"))
+    else:
+        failures.pop(name, None)
+    refresh(memo.context, state, key, _indexes(kwargs))
+
+
+@kopf.on.event("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
+def pod_changed(
+    event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A runtime pod changed: its ModelDeployment's phase may have moved."""
+    if event.get("type") is not None:
+        refresh(memo.context, memo.state, (namespace or "", labels[MD_LABEL]), _indexes(kwargs))
+
+
+@kopf.on.event("nodeclaims.karpenter.sh", labels={KARPENTER_POOL_LABEL: kopf.PRESENT})
+def node_claim_changed(
+    event: kopf.RawEvent, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A node of a pool is being made or became ready: refresh the pool's users."""
+    if event.get("type") is None:
+        return
+    indexes = _indexes(kwargs)
+    for item in _index_list(indexes["pool_users"], labels[KARPENTER_POOL_LABEL]):
+        namespace, _, name = str(item["user"]).partition("/")
+        refresh(memo.context, memo.state, (namespace, name), indexes)
+
+
+def pool_changed(
+    event: kopf.RawEvent, body: kopf.Body, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """A pool object was deleted or edited by hand: apply it again for the users that want it."""
+    if event.get("type") is None:
+        return
+    if event.get("type") != "DELETED" and not foreign_fields(body):
+        return
+    context: Context = memo.context
+    state: State = memo.state
+    index = _indexes(kwargs)["pool_users"]
+    if _index_list(index, name):
+        try:
+            sync_pools(context, state, index, [name], "", None, force=True)
+        except KubeApiError as error:
+            logger.warning("could not restore pool %s: %s", name, error)
+
+
+for _pool_resource in POOL_RESOURCES:
+    kopf.on.event(_pool_resource, labels=MANAGED)(pool_changed)
 
 
 @kopf.on.delete(*RESOURCE)
-def cleanup(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Remove every child and this ModelDeployment's claim on shared node pools / groups."""
+def cleanup(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Remove every child and this ModelDeployment's share of the shared node pools."""
     context: Context = memo.context
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    with _object_lock(memo):
+    state: State = memo.state
+    key = key_of(body)
+    last = LastGood.from_body(body)
+    with state.lock(key):
         try:
-            prune_children(context.kube, name, namespace)
-            release_node_pools(context.kube, namespace, name)
+            if last is not None:
+                with contextlib.suppress(RenderError):
+                    delete_children(context.kube, rendered_for(context, state, body, last).children)
+            # Leftovers of earlier plans; a list that cannot be made (a bad name) holds nothing.
+            prune_children(context.kube, key[1], key[0], owner_uid=str(body["metadata"]["uid"]))
+            user = f"{key[0]}/{key[1]}"
+            sync_pools(context, state, kwargs.get("pool_users"), my_pools(last), user, None)
             if context.node_groups is not None:
-                context.node_groups.release(namespace, name)
+                context.node_groups.release(*key)
         except KubeApiError as error:
             raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from None
-    METRICS.set_phase(f"{namespace}/{name}", None)
-    METRICS.set_plan(namespace, name, None)
+    state.forget(key)
+    METRICS.set_phase(f"{key[0]}/{key[1]}", None)
+    METRICS.set_plan(key[0], key[1], None)
 
 
-@kopf.on.probe(id="modelDeployments")
-def count_model_deployments(**_: Any) -> int:
-    """Liveness/health payload: ModelDeployments this operator reports on."""
-    return len(METRICS._phases)
+# ---- the process: leader election around kopf -------------------------------------------------
+
+
+def _own_namespace() -> str:
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    with contextlib.suppress(OSError), open(path) as file:
+        return file.read().strip()
+    return "modelship-system"
+
+
+class _Health:
+    """/healthz for the Deployment's probes, for the leader and the standby alike."""
+
+    def __init__(self) -> None:
+        self.leader = False
+        self.runner: Any = None
+
+    async def start(self, address: str, port: int) -> None:
+        from aiohttp import web
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "leader": self.leader})
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, address, port).start()
+
+
+async def run_elected(config: OperatorConfig, health_address: str | None, health_port: int) -> None:
+    """Wait for the Lease, run kopf while holding it, step down when it is lost (and stand by
+    again); on SIGTERM/SIGINT stop kopf and release the Lease."""
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    lease = LeaseSettings(
+        namespace=config.lease_namespace or _own_namespace(),
+        name=config.lease_name,
+        identity=identity,
+        lease_seconds=config.lease_seconds,
+        renew_deadline_seconds=config.lease_seconds * 2 / 3,
+        retry_seconds=max(0.5, config.lease_seconds / 7.5),
+    )
+    # Lease calls give up quickly: a leader must notice within its renew deadline that it can
+    # no longer renew, even when the API server hangs rather than refuses.
+    elector = LeaderElector(Kube.from_environment(timeout_seconds=lease.retry_seconds), lease)
+    health = _Health()
+    if health_port:
+        await health.start(health_address or "0.0.0.0", health_port)
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        shutdown.set()
+
+    while not shutdown.is_set():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        acquiring = asyncio.create_task(elector.acquire())
+        stopping = asyncio.create_task(shutdown.wait())
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if shutdown.is_set():
+            acquiring.cancel()
+            break
+        stopping.cancel()
+        health.leader = True
+        holding = asyncio.create_task(elector.hold())
+        stop_flag: asyncio.Future[Any] = loop.create_future()
+        running = asyncio.create_task(
+            kopf.operator(
+                standalone=True,
+                clusterwide=not config.namespaces,
+                namespaces=list(config.namespaces),
+                stop_flag=stop_flag,
+            )
+        )
+        await asyncio.wait({holding, running}, return_when=asyncio.FIRST_COMPLETED)
+        health.leader = False
+        if running.done():  # kopf stopped: a signal (kopf handles them while it runs) or a crash
+            holding.cancel()
+            await asyncio.to_thread(elector.release)
+            running.result()
+            return
+        logger.warning("stopping reconciliation: leadership lost")
+        stop_flag.set_result(None)
+        with contextlib.suppress(Exception):
+            await running
+    await asyncio.to_thread(elector.release)
 
 
 def run_operator(argv: list[str] | None = None) -> int:
-    """`modelship operator`: run kopf with the configured namespaces and serve /metrics."""
+    """`modelship operator`: elect a leader, run kopf on it, serve /metrics and /healthz."""
     parser = argparse.ArgumentParser(prog="modelship operator")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port")
     parser.add_argument(
-        "--liveness",
-        default="http://0.0.0.0:8081/healthz",
-        help="kopf's health endpoint for the Deployment's probes",
+        "--health-port", type=int, default=8081, help="/healthz port for the probes (0: none)"
     )
-    parser.add_argument("--standalone", action="store_true", help="no peering (single replica)")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="log every kopf step")
     args = parser.parse_args(argv or [])
-    config = load_config()
+    try:
+        config = load_config()
+        check_operator_config(config)
+    except ConfigError as error:
+        parser.exit(2, f"modelship operator: {error}\n")
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:
         METRICS.serve(args.metrics_port)
-    kopf.run(
-        clusterwide=not config.namespaces,
-        namespaces=list(config.namespaces),
-        liveness_endpoint=args.liveness or None,
-        peering_name=PEERING_NAME,
-        standalone=args.standalone,
-    )
+    asyncio.run(run_elected(config, None, args.health_port))
     return 0

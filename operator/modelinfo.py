@@ -17,14 +17,16 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .api import Architecture
-from .plan import ModelInfo, WeightDtype
+from .plan import CheckpointQuantization, LayerKind, ModelInfo, WeightDtype
 from .source import LocalSource, ModelSource, S3Source, VolumeSource
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
+
+    from .knownmodels import KnownModel
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,7 +76,8 @@ _CONFIG_DTYPES: dict[str, WeightDtype] = {
     "float8_e5m2": "fp8",
 }
 # Tensors packing several low-bit weights per integer element (AWQ, GPTQ, compressed-tensors).
-_PACKED_SUFFIXES = (".qweight", ".weight_packed")
+# gpt-oss MXFP4 experts are *_blocks (two FP4 values per U8) with *_scales (E8M0) beside them.
+_PACKED_SUFFIXES = (".qweight", ".weight_packed", "_blocks")
 # Quantization metadata and buffers: stored in the checkpoint, but not model parameters.
 _NOT_PARAMETER_SUFFIXES = (
     ".qzeros",
@@ -90,6 +93,7 @@ _NOT_PARAMETER_SUFFIXES = (
     ".output_scale",
     ".k_scale",
     ".v_scale",
+    "_proj_scales",
     "rotary_emb.inv_freq",
 )
 _OUTPUT_HEAD_SUFFIXES = ("lm_head.weight", "lm_head.qweight", "lm_head.weight_packed")
@@ -109,11 +113,43 @@ _TRAINING_STATE = re.compile(
 _PICKLE_WEIGHTS = re.compile(r"^(pytorch_model.*\.bin|.*\.pt|.*\.pth|consolidated.*\.pth)$")
 
 
-QuantizationName = Literal["none", "fp8", "int8", "int8-gptq", "int4-awq", "int4-gptq"]
+QuantizationName = CheckpointQuantization
 
 
 class ModelInfoError(ValueError):
-    """The model cannot be inspected; the message names the file or field and the fix."""
+    """The model cannot be inspected; the message names the file or field and the fix.
+
+    `transient`: the store failed (throttling, a 5xx, a timeout, no connection, STS), so the same
+    request may succeed later; otherwise the answer is final until something changes."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# S3 error codes that say "not now" rather than "no" (AWS S3 error responses).
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestLimitExceeded",
+        "InternalError",
+        "ServiceUnavailable",
+        "ExpiredToken",
+    }
+)
+
+
+class ModelUnreadableError(ModelInfoError):
+    """The model's files could not be read at all (no credentials, no access, no such bucket or
+    path, a volume this process does not mount), as opposed to files that were read and are wrong.
+    `reason` says why in a few words; a preview can then plan from facts the user names."""
+
+    def __init__(self, message: str, reason: str, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
+        self.reason = reason
 
 
 # --- safetensors headers --------------------------------------------------------------------
@@ -252,10 +288,43 @@ class Quantization:
 
     name: QuantizationName
     bits: int | None  # bits per packed weight (None: not packed, or a plain 8-bit dtype)
-    group_size: int | None
+    group_size: int | None  # weights per scale group; -1: one scale per output channel
+    method: str | None = None  # quant_method as written (awq, gptq, compressed-tensors, ...)
+    block_size: tuple[int, int] | None = None  # block FP8: (block_n, block_k)
+    unquantized_modules: tuple[str, ...] = ()  # kept in 16 bits (ignore, modules_to_not_convert)
 
 
 _NO_QUANTIZATION = Quantization("none", None, None)
+
+
+def _group_size(value: Any) -> int | None:
+    """group_size as written: a positive size, or -1 for per-channel scales (GPTQ, AWQ)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if value > 0 else (-1 if value == -1 else None)
+
+
+def _module_list(*values: Any) -> tuple[str, ...]:
+    names: list[str] = []
+    for value in values:
+        if isinstance(value, list):
+            names.extend(str(item) for item in value if isinstance(item, str))
+    return tuple(names)
+
+
+def _block_size(value: Any, where: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return value[0], value[1]
+    raise ModelInfoError(
+        f"config.json {where} is {value!r}; expected two positive integers [block_n, block_k] "
+        "(e.g. [128, 128]). Fix config.json."
+    )
 
 
 def quantization_from_config(config: Mapping[str, Any]) -> Quantization:
@@ -269,50 +338,73 @@ def quantization_from_config(config: Mapping[str, Any]) -> Quantization:
     if not isinstance(qc, dict):
         raise ModelInfoError("config.json quantization_config is not an object.")
     method = str(qc.get("quant_method", "")).lower()
-    group = qc.get("group_size", qc.get("q_group_size"))
-    group_size = group if isinstance(group, int) and group > 0 else None
+    group_size = _group_size(qc.get("group_size", qc.get("q_group_size")))
+    unquantized = _module_list(
+        qc.get("modules_to_not_convert"), qc.get("ignored_layers"), qc.get("ignore")
+    )
     if method in ("awq", "gptq"):
         bits = qc.get("bits", qc.get("w_bit"))
         if method == "awq" and bits == 4:
-            return Quantization("int4-awq", 4, group_size)
+            return Quantization("int4-awq", 4, group_size, method, None, unquantized)
         if method == "gptq" and bits in (4, 8):
-            return Quantization("int4-gptq" if bits == 4 else "int8-gptq", bits, group_size)
+            name: QuantizationName = "int4-gptq" if bits == 4 else "int8-gptq"
+            return Quantization(name, bits, group_size, method, None, unquantized)
         raise ModelInfoError(
             f"config.json quantization_config.bits is {bits!r} for {method}; modelship serves "
             "4-bit AWQ and 4- or 8-bit GPTQ checkpoints."
         )
     if method in ("fp8", "fbgemm_fp8"):
-        return Quantization("fp8", None, None)
+        block = _block_size(qc.get("weight_block_size"), "quantization_config.weight_block_size")
+        return Quantization("fp8", None, None, method, block, unquantized)
+    if method == "mxfp4":
+        # OCP MX FP4 (gpt-oss): 4-bit E2M1 weights, one 8-bit E8M0 scale per 32 weights.
+        return Quantization("mxfp4", 4, MXFP4_BLOCK, method, None, unquantized)
     if method == "compressed-tensors":
-        return _compressed_tensors(qc)
+        return _compressed_tensors(qc, unquantized)
     raise ModelInfoError(
         f"config.json quantization_config.quant_method {method or None!r} is not supported; "
-        "modelship serves awq, gptq, fp8 and simple compressed-tensors checkpoints (or an "
-        "unquantized checkpoint with spec.model.quantization)."
+        "modelship serves awq, gptq, fp8 (per-tensor, per-channel or block), mxfp4 and "
+        "compressed-tensors checkpoints (or an unquantized checkpoint with "
+        "spec.model.quantization)."
     )
 
 
-def _compressed_tensors(qc: Mapping[str, Any]) -> Quantization:
+# OCP Microscaling: 32 FP4 elements share one E8M0 scale (gpt-oss model card, vLLM mxfp4.py).
+MXFP4_BLOCK = 32
+
+
+def _compressed_tensors(qc: Mapping[str, Any], unquantized: tuple[str, ...]) -> Quantization:
     groups = qc.get("config_groups")
     schemes = set()
     group_sizes = set()
+    blocks = set()
     if isinstance(groups, dict):
         for group in groups.values():
             weights = group.get("weights") if isinstance(group, dict) else None
             if isinstance(weights, dict):
                 schemes.add((weights.get("type"), weights.get("num_bits")))
-                group_sizes.add(weights.get("group_size"))
+                strategy = weights.get("strategy")
+                if strategy == "channel":
+                    group_sizes.add(-1)
+                elif strategy == "block":
+                    where = "quantization_config.config_groups.*.weights.block_structure"
+                    blocks.add(_block_size(weights.get("block_structure"), where))
+                else:
+                    size = _group_size(weights.get("group_size"))
+                    if size is not None:
+                        group_sizes.add(size)
     if len(schemes) == 1:
         kind, bits = schemes.pop()
         group = group_sizes.pop() if len(group_sizes) == 1 else None
-        group_size = group if isinstance(group, int) and group > 0 else None
-        if (kind, bits) == ("float", 8):
-            return Quantization("fp8", None, None)
-        if (kind, bits) == ("int", 8):
-            return Quantization("int8", 8, group_size)
+        block = blocks.pop() if len(blocks) == 1 else None
+        method = "compressed-tensors"
+        if (kind, bits) == ("float", 8):  # FP8 W8A8 / FP8-dynamic, per-tensor/channel/block
+            return Quantization("fp8", None, None, method, block, unquantized)
+        if (kind, bits) == ("int", 8):  # W8A8 int8 (or W8A16)
+            return Quantization("int8", 8, group, method, None, unquantized)
         if (kind, bits) == ("int", 4):
-            # vLLM runs 4-bit integer compressed-tensors with the GPTQ (Marlin) kernels.
-            return Quantization("int4-gptq", 4, group_size)
+            # W4A16: vLLM runs 4-bit integer compressed-tensors with the GPTQ (Marlin) kernels.
+            return Quantization("int4-gptq", 4, group, method, None, unquantized)
     raise ModelInfoError(
         "config.json quantization_config.config_groups (compressed-tensors) is not one simple "
         f"weight scheme (found {sorted(map(str, schemes)) or 'none'}); modelship understands "
@@ -385,6 +477,104 @@ def _sliding_window(
     else:
         layers = num_layers
     return (window, layers) if layers else (None, 0)
+
+
+# config.json layer_types values -> what the layer caches (vLLM's KV-cache spec kinds).
+_LAYER_KINDS: dict[str, LayerKind] = {
+    "full_attention": "full_attention",
+    "attention": "full_attention",  # Granite 4 hybrids
+    "chunked_attention": "full_attention",  # Llama 4: chunks are sized as full attention
+    "sliding_attention": "sliding_attention",
+    "linear_attention": "linear_attention",  # Qwen3-Next Gated DeltaNet
+    "mamba": "mamba",
+    "mamba2": "mamba",
+}
+
+
+# Hybrids whose layer layout is not a per-layer kind list (sized as attention, with a warning).
+_UNREAD_HYBRIDS = {
+    "falcon_h1": "attention and Mamba side by side in every layer",
+    "nemotron_h": "hybrid_override_pattern",
+}
+
+
+def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[LayerKind]:
+    """What each layer caches, from layer_types or the family's layer pattern."""
+    layer_types = config.get("layer_types", "layers_block_type")
+    if isinstance(layer_types, list) and layer_types:
+        if len(layer_types) != num_layers:
+            raise ModelInfoError(
+                f"config.json layer_types lists {len(layer_types)} layers but "
+                f"num_hidden_layers is {num_layers}; fix config.json."
+            )
+        unknown = sorted({str(kind) for kind in layer_types if kind not in _LAYER_KINDS})
+        if unknown:
+            raise ModelInfoError(
+                f"config.json layer_types has {', '.join(unknown)}, which modelship cannot size "
+                f"(it knows {', '.join(sorted(_LAYER_KINDS))})."
+            )
+        listed: list[LayerKind] = [_LAYER_KINDS[kind] for kind in layer_types]
+        if not window_layers:  # a sliding window as long as the context is full attention
+            return ["full_attention" if k == "sliding_attention" else k for k in listed]
+        return listed
+    period, offset = config.get("attn_layer_period"), config.get("attn_layer_offset")
+    if isinstance(period, int) and isinstance(offset, int) and period > 0:
+        # Jamba: attention where layer % period == offset, Mamba elsewhere (JambaConfig).
+        return ["full_attention" if i % period == offset else "mamba" for i in range(num_layers)]
+    interval = config.get("full_attention_interval")
+    if isinstance(interval, int) and interval > 0:
+        # Qwen3-Next: full attention every interval-th layer, Gated DeltaNet in between.
+        return [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(num_layers)
+        ]
+    kinds: list[LayerKind] = ["full_attention"] * num_layers
+    if not window_layers:
+        return kinds
+    pattern = config.get("sliding_window_pattern")
+    if config.get("model_type") == "gemma2":
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    if isinstance(pattern, int) and pattern > 0:
+        # Gemma 3: every pattern-th layer is global (vLLM gemma3.py: (i + 1) % pattern).
+        return [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ]
+    if window_layers < num_layers:  # Qwen2 max_window_layers: the top layers slide
+        full: list[LayerKind] = ["full_attention"] * (num_layers - window_layers)
+        sliding: list[LayerKind] = ["sliding_attention"] * window_layers
+        return full + sliding
+    return ["sliding_attention"] * num_layers
+
+
+def _recurrent_state_elements(config: _Config, hidden_size: int) -> tuple[int, int]:
+    """(convolution, SSM) elements of one Mamba / linear-attention layer's state for one
+    sequence, whole width.
+
+    The shapes are vLLM's MambaStateShapeCalculator (mamba_utils.py): a causal-convolution
+    state of (kernel - 1) x conv_dim plus the SSM (or DeltaNet) state.
+    """
+    if config.get("linear_num_value_heads") is not None:  # Gated DeltaNet (Qwen3-Next)
+        key_heads = config.positive_int("linear_num_key_heads") or 0
+        value_heads = config.positive_int("linear_num_value_heads") or 0
+        key_dim = config.positive_int("linear_key_head_dim") or 0
+        value_dim = config.positive_int("linear_value_head_dim") or 0
+        kernel = config.positive_int("linear_conv_kernel_dim") or 4
+        conv_dim = 2 * key_heads * key_dim + value_heads * value_dim
+        return (kernel - 1) * conv_dim, value_heads * key_dim * value_dim
+    state = config.positive_int("mamba_d_state", "ssm_state_size", "state_size")
+    if state is None:
+        return 0, 0
+    kernel = config.positive_int("mamba_d_conv", "conv_kernel") or 4
+    heads = config.positive_int("mamba_n_heads", "mamba_num_heads")
+    if heads is not None:  # Mamba2 (Granite 4, Bamba, Nemotron-H)
+        head_dim = config.positive_int("mamba_d_head", "mamba_head_dim") or 64
+        groups = config.positive_int("mamba_n_groups", "n_groups") or 1
+        inner = heads * head_dim
+        return (kernel - 1) * (inner + 2 * groups * state), heads * head_dim * state
+    expand = config.positive_int("mamba_expand", "expand") or 2  # Mamba1 (Jamba)
+    inner = expand * hidden_size
+    return (kernel - 1) * inner, inner * state
 
 
 def _config_dtype(config: _Config) -> WeightDtype | None:
@@ -466,6 +656,25 @@ def model_info_from_config(
     )
 
     window, window_layers = _sliding_window(cfg, overrides, num_layers, max_positions)
+
+    layer_kinds = _layer_kinds(cfg, num_layers, window_layers)
+    if cfg.get("model_type") in _UNREAD_HYBRIDS:
+        warnings.append(
+            f"{cfg.get('model_type')} mixes Mamba and attention in a way modelship does not read "
+            f"yet ({_UNREAD_HYBRIDS[cfg.get('model_type')]}): every layer is sized as attention "
+            "and the Mamba state is not counted; leave headroom (spec.serving.concurrency)."
+        )
+    recurrent = any(kind in ("mamba", "linear_attention") for kind in layer_kinds)
+    conv_elements, ssm_elements = (
+        _recurrent_state_elements(cfg, hidden_size) if recurrent else (0, 0)
+    )
+    if recurrent and not ssm_elements:
+        raise ModelInfoError(
+            "config.json has Mamba or linear-attention layers but no state sizes "
+            "(mamba_d_state / ssm_state_size, or linear_*_head_dim); fix config.json."
+        )
+    if window_layers:
+        window_layers = sum(1 for kind in layer_kinds if kind == "sliding_attention")
 
     experts = overrides.num_experts or cfg.get(
         "num_local_experts", "n_routed_experts", "num_experts"
@@ -574,7 +783,10 @@ def model_info_from_config(
         parameters_source=parameters_source,
         dtype=dtype,
         quantization=quantization.name,
+        quantization_method=quantization.method,
         quantization_group_size=quantization.group_size,
+        quantization_block_size=list(quantization.block_size) if quantization.block_size else None,
+        unquantized_modules=list(quantization.unquantized_modules),
         checkpoint_bytes=weights.checkpoint_bytes if weights is not None else None,
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -588,6 +800,9 @@ def model_info_from_config(
         tie_word_embeddings=tied,
         sliding_window=window,
         sliding_window_layers=window_layers,
+        layer_types=layer_kinds if layer_kinds.count("full_attention") != num_layers else [],
+        recurrent_conv_elements=conv_elements,
+        recurrent_ssm_elements=ssm_elements,
         num_experts=experts,
         num_experts_per_token=experts_per_token if experts is not None else None,
         moe_intermediate_size=moe_intermediate_size,
@@ -678,13 +893,48 @@ class S3Package:
         self._sizes: dict[str, int] = {}
 
     def _fail(self, action: str, error: Exception) -> ModelInfoError:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            CredentialRetrievalError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
 
         code = (
             error.response.get("Error", {}).get("Code", "")
             if isinstance(error, ClientError)
             else ""
         )
+        status = (
+            int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if isinstance(error, ClientError)
+            else 0
+        )
+        unreachable = (
+            EndpointConnectionError,
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            ConnectionClosedError,
+            CredentialRetrievalError,
+        )
+        reason = f"{code or type(error).__name__}: {error}"
+        if isinstance(error, unreachable) or code in _TRANSIENT_S3_CODES or status >= 500:
+            return ModelUnreadableError(
+                f"cannot {action} for now ({reason}); retrying with backoff.",
+                reason,
+                transient=True,
+            )
+        if isinstance(error, NoCredentialsError):
+            return ModelUnreadableError(
+                f"cannot {action}: the operator has no AWS credentials. Give its ServiceAccount "
+                "an IAM role that may s3:ListBucket and s3:GetObject on the model bucket (Helm: "
+                "serviceAccount.annotations eks.amazonaws.com/role-arn, or an EKS Pod Identity "
+                "association; docs/storage.md).",
+                reason,
+            )
         fix = {
             "NoSuchBucket": f"bucket {self.source.bucket!r} does not exist; check spec.model.uri.",
             "AccessDenied": (
@@ -693,7 +943,7 @@ class S3Package:
             ),
             "NoSuchKey": "the object is gone; check the upload is complete.",
         }.get(code, "check the endpoint, credentials and spec.model.uri.")
-        return ModelInfoError(f"cannot {action} ({code or type(error).__name__}: {error}); {fix}")
+        return ModelUnreadableError(f"cannot {action} ({reason}); {fix}", reason)
 
     def list_files(self) -> dict[str, int]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -819,12 +1069,17 @@ def inspect_package(
         return model_info_from_config(
             config, weights=weights, overrides=overrides, parameters=parameters, files=list(files)
         )
+    except ModelUnreadableError as error:
+        raise ModelUnreadableError(
+            f"{package.uri}: {error}", error.reason, transient=error.transient
+        ) from None
     except ModelInfoError as error:
-        raise ModelInfoError(f"{package.uri}: {error}") from None
+        raise ModelInfoError(f"{package.uri}: {error}", transient=error.transient) from None
     except OSError as error:  # local and mounted files: permissions, vanished files
-        raise ModelInfoError(
+        raise ModelUnreadableError(
             f"{package.uri}: cannot read {error.filename or 'the package'} ({error.strerror}); "
-            "check the path and its permissions."
+            "check the path and its permissions.",
+            f"{error.strerror}: {error.filename or 'the package'}",
         ) from None
 
 
@@ -841,7 +1096,8 @@ def inspect_model(
 
     s3:// is read with GetObject (ranged for shard headers); file:// from disk; fsx:// and
     efs:// only through `volume_root`, a local path where the claim is mounted (the CLI and
-    tests). Without it, spec.model.parameters and spec.model.architecture must say it all.
+    tests). Without it, spec.model.architecture.knownModel, or spec.model.parameters and the
+    other spec.model.architecture fields, must say it all.
     """
     if isinstance(source, S3Source):
         package: ModelPackage = S3Package(source, client or s3_client(endpoint_url))
@@ -854,26 +1110,56 @@ def inspect_model(
     return inspect_package(package, overrides=overrides, parameters=parameters)
 
 
+def model_info_from_known_model(
+    known: KnownModel, *, overrides: Architecture | None, parameters: int | None, why: str
+) -> ModelInfo:
+    """ModelInfo from a known model's published config.json facts (operator/knownmodels.py);
+    spec.model.architecture fields and spec.model.parameters still override them. `why` says,
+    in the plan's warnings, why the model's own files were not read."""
+    try:
+        info = model_info_from_config(
+            known.config,
+            weights=None,
+            overrides=overrides,
+            parameters=parameters or known.parameters,
+            files=None,
+        )
+    except ModelInfoError as error:
+        raise ModelInfoError(f"known model {known.id}: {error}") from None
+    warning = f"{why}; the plan uses the published config.json of {known.id} ({known.config_url})."
+    return info.model_copy(update={"warnings": [*info.warnings, warning]})
+
+
 def _volume_from_spec(
     source: VolumeSource, overrides: Architecture | None, parameters: int | None
 ) -> ModelInfo:
+    why = f"{source.uri} was not read (the operator cannot mount {source.scheme})"
+    if overrides is not None and overrides.known_model:
+        from .knownmodels import get_known_model
+
+        known = get_known_model(overrides.known_model)
+        return model_info_from_known_model(
+            known, overrides=overrides, parameters=parameters, why=why
+        )
     try:
         info = model_info_from_config(
             {}, weights=None, overrides=overrides, parameters=parameters, files=None
         )
     except ModelInfoError as error:
-        raise ModelInfoError(
+        raise ModelUnreadableError(
             f"{source.uri}: the operator cannot read {source.scheme} volumes, so a model there "
-            "needs spec.model.parameters and spec.model.architecture (numLayers, hiddenSize, "
+            "needs spec.model.architecture.knownModel (a model `modelship models` lists), or "
+            "spec.model.parameters and spec.model.architecture (numLayers, hiddenSize, "
             "numAttentionHeads, vocabSize, maxPositionEmbeddings, and numKeyValueHeads, headDim "
-            f"where they differ from the defaults); or put it on S3 instead. ({error})"
+            f"where they differ from the defaults); or put it on S3 instead. ({error})",
+            f"{source.scheme} volumes are not mounted here",
         ) from None
     return info.model_copy(
         update={
             "warnings": [
                 *info.warnings,
-                f"{source.uri} was not read (the operator cannot mount {source.scheme}); the "
-                "plan rests on spec.model.parameters and spec.model.architecture alone.",
+                f"{why}; the plan rests on spec.model.parameters and spec.model.architecture "
+                "alone.",
             ]
         }
     )

@@ -26,6 +26,7 @@ GIB = 1024**3
 POOL_LABEL = "modelship.dev/pool"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "modelship"}
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+EFA_LABEL = "modelship.dev/efa"
 
 KARPENTER_API = "karpenter.sh/v1"
 NODE_CLASS_GROUP = "karpenter.k8s.aws"
@@ -85,19 +86,27 @@ def capacity_type_of(value: str) -> CapacityType:
     )
 
 
-def pool_name(instance_type: str, capacity_type: str) -> str:
-    """The shared pool's name: `modelship-<instance type>-<od|spot>`, a valid DNS label and
-    label value, the same for every ModelDeployment on that hardware."""
+def pool_name(instance_type: str, capacity_type: str, efa: bool = False) -> str:
+    """The shared pool's name: `modelship-<instance type>-<od|spot>[-efa]`, a valid DNS label
+    and label value, the same for every ModelDeployment on that hardware. Multi-node replicas
+    get their own EFA pool, so single-node replicas never hold its EFA-attached nodes."""
     slug = re.sub(r"[^a-z0-9]+", "-", instance_type.strip().lower()).strip("-")
     if not slug:
         raise NodePoolError(f"placement.instance_type {instance_type!r} is empty or not a name.")
     suffix = "od" if capacity_type_of(capacity_type) == "on-demand" else "spot"
-    name = f"modelship-{slug}-{suffix}"
+    name = f"modelship-{slug}-{suffix}" + ("-efa" if efa else "")
     if len(name) > 63:
         raise NodePoolError(
             f"pool name {name!r} for instance type {instance_type!r} is longer than 63 characters."
         )
     return name
+
+
+def placement_pool_name(placement: Placement) -> str:
+    """The pool a placement's pods run on (an EFA pool when the replica spans nodes)."""
+    return pool_name(
+        placement.instance_type, placement.capacity_type, efa=placement.efa_interfaces > 0
+    )
 
 
 def accelerator_taint_key(placement: Placement) -> str:
@@ -156,7 +165,7 @@ def karpenter_objects(
 ) -> list[dict[str, Any]]:
     """EC2NodeClass (unless config.node_class_name names an existing one) and NodePool, in apply
     order, for one ModelDeployment's view of the shared pool."""
-    pool = pool_name(placement.instance_type, placement.capacity_type)
+    pool = placement_pool_name(placement)
     objects: list[dict[str, Any]] = []
     if not config.node_class_name:
         objects.append(_ec2_node_class(placement, config, pool))
@@ -274,6 +283,13 @@ systemctl start --no-block modelship-node-cache.service
 """
 
 
+def _efa_label(placement: Placement) -> dict[str, str]:
+    # Karpenter attaches EFA interfaces to the nodes it launches for pods that request
+    # vpc.amazonaws.com/efa (the AWS EFA device plugin advertises them); the label lets the
+    # device plugin's DaemonSet and people find the pool's EFA nodes.
+    return {EFA_LABEL: "true"} if placement.efa_interfaces else {}
+
+
 def _node_pool(
     placement: Placement, config: OperatorConfig, pool: str, max_replicas: int
 ) -> dict[str, Any]:
@@ -284,7 +300,7 @@ def _node_pool(
         "metadata": {"name": pool, "labels": {**MANAGED_BY, POOL_LABEL: pool}},
         "spec": {
             "template": {
-                "metadata": {"labels": {**MANAGED_BY, POOL_LABEL: pool}},
+                "metadata": {"labels": {**MANAGED_BY, POOL_LABEL: pool, **_efa_label(placement)}},
                 "spec": {
                     "nodeClassRef": {
                         "group": NODE_CLASS_GROUP,
@@ -331,7 +347,7 @@ def node_group_request(
     placement: Placement, config: OperatorConfig, min_replicas: int, max_replicas: int
 ) -> NodeGroupRequest:
     """eks-nodegroup mode: the managed node group for one ModelDeployment's view of the pool."""
-    pool = pool_name(placement.instance_type, placement.capacity_type)
+    pool = placement_pool_name(placement)
     return NodeGroupRequest(
         name=pool,
         instance_types=[placement.instance_type],
@@ -347,7 +363,7 @@ def node_group_request(
         min_size=0,
         max_size=max_nodes(placement, max_replicas),
         desired_size=placement.nodes * min_replicas,
-        labels={POOL_LABEL: pool},
+        labels={POOL_LABEL: pool, **_efa_label(placement)},
         taints=[
             {"key": key, "value": value, "effect": "NO_SCHEDULE"}
             for key, value in _taints(placement, pool)

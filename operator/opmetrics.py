@@ -13,12 +13,15 @@ The dashboards and alerts use exactly these names:
                                                                 gauge: on-demand USD/h per replica
     modelship_operator_planned_kv_cache_tokens{model_deployment,namespace,instance_type}
                                                                 gauge: predicted KV-cache tokens
+    modelship_operator_measured_kv_cache_tokens{model_deployment,namespace,instance_type}
+                                                                gauge: KV-cache tokens vLLM
+                                                                allocated (kvfeedback.py)
     modelship_activator_pending_requests{namespace,model_deployment}
                                                                 gauge: requests the activator
                                                                 holds; KEDA wakes a ModelDeployment
                                                                 from zero on it
 
-Liveness and readiness are kopf's own probes (`--liveness`), not this registry.
+Liveness and readiness are the operator's /healthz (`--health-port`), not this registry.
 """
 
 from __future__ import annotations
@@ -88,6 +91,13 @@ class OperatorMetrics:
             registry=self.registry,
         )
 
+        self.measured_kv_cache_tokens = Gauge(
+            "modelship_operator_measured_kv_cache_tokens",
+            "KV-cache tokens vLLM allocated (smallest replica), next to the planned figure.",
+            _PLAN_LABELS,
+            registry=self.registry,
+        )
+
     @contextmanager
     def reconcile(self) -> Iterator[list[str]]:
         """Time a reconcile; the body sets outcome[0] to its result (default 'error')."""
@@ -117,7 +127,13 @@ class OperatorMetrics:
         with self._lock:
             old_instance = self._plans.pop((namespace, name), None)
             if old_instance is not None:
-                for gauge in (self.accelerators, self.cost, self.kv_cache_tokens):
+                gauges = (
+                    self.accelerators,
+                    self.cost,
+                    self.kv_cache_tokens,
+                    self.measured_kv_cache_tokens,
+                )
+                for gauge in gauges:
                     with suppress(KeyError):  # cost is absent when the catalog has no price
                         gauge.remove(name, namespace, old_instance)
             if placement is None:
@@ -128,6 +144,13 @@ class OperatorMetrics:
                 self.cost.labels(*labels).set(placement.cost_per_hour_usd)
             self.kv_cache_tokens.labels(*labels).set(placement.kv_cache_tokens)
             self._plans[(namespace, name)] = placement.instance_type
+
+    def set_measured_kv(self, namespace: str, name: str, tokens: int) -> None:
+        """Publish the KV-cache tokens vLLM allocated for a planned ModelDeployment."""
+        with self._lock:
+            instance = self._plans.get((namespace, name))
+            if instance is not None:
+                self.measured_kv_cache_tokens.labels(name, namespace, instance).set(tokens)
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
         """Serve /metrics on `port` in a background thread."""

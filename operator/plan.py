@@ -14,6 +14,13 @@ from .engine import EngineArgs
 
 AcceleratorVendor = Literal["nvidia", "inferentia", "trainium"]
 WeightDtype = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4"]
+CheckpointQuantization = Literal[
+    "none", "fp8", "int8", "int8-gptq", "int4-awq", "int4-gptq", "mxfp4"
+]
+# What one layer holds per token or per sequence (vLLM's KV-cache spec kinds):
+# full_attention and sliding_attention keep K/V per token (MLA models keep one latent);
+# mamba and linear_attention keep a fixed recurrent state per sequence.
+LayerKind = Literal["full_attention", "sliding_attention", "mamba", "linear_attention"]
 
 
 class _Data(BaseModel):
@@ -35,8 +42,22 @@ class ModelInfo(_Data):
         description="Where the count came from: counted in the headers, or given in the spec."
     )
     dtype: WeightDtype = Field(description="Element type of the (unquantized) weights.")
-    quantization: Literal["none", "fp8", "int8", "int8-gptq", "int4-awq", "int4-gptq"] = "none"
-    quantization_group_size: int | None = None
+    quantization: CheckpointQuantization = "none"
+    quantization_method: str | None = Field(
+        None,
+        description="config.json quantization_config.quant_method (awq, gptq, compressed-tensors, "
+        "fp8, mxfp4, ...), as the checkpoint says.",
+    )
+    quantization_group_size: int | None = Field(
+        None, description="Weights per quantization group; -1 means one scale per output channel."
+    )
+    quantization_block_size: list[int] | None = Field(
+        None, description="Block-quantized FP8: [block_n, block_k] (weight_block_size)."
+    )
+    unquantized_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules the checkpoint keeps in 16 bits (ignore / modules_to_not_convert).",
+    )
     checkpoint_bytes: int | None = Field(
         None, description="Exact bytes of all weight tensors, when the headers were read."
     )
@@ -53,6 +74,21 @@ class ModelInfo(_Data):
     sliding_window_layers: int = Field(
         0, description="Layers that use the sliding window (the rest attend to the full context)."
     )
+    layer_types: list[LayerKind] = Field(
+        default_factory=list,
+        description="What each layer caches, in order; empty: full attention, less the "
+        "sliding_window_layers.",
+    )
+    recurrent_conv_elements: int = Field(
+        0,
+        description="Elements of one mamba / linear-attention layer's convolution state for one "
+        "sequence, whole model width (split over tensor parallel).",
+    )
+    recurrent_ssm_elements: int = Field(
+        0,
+        description="Elements of one mamba / linear-attention layer's SSM (or DeltaNet) state "
+        "for one sequence, whole model width (split over tensor parallel).",
+    )
     num_experts: int | None = None
     num_experts_per_token: int | None = None
     moe_intermediate_size: int | None = None
@@ -66,6 +102,17 @@ class ModelInfo(_Data):
     @property
     def uses_mla(self) -> bool:
         return self.kv_lora_rank is not None
+
+    def layer_kinds(self) -> list[LayerKind]:
+        """What each layer caches: layer_types, or full attention with the sliding layers."""
+        if self.layer_types:
+            return list(self.layer_types)
+        sliding = self.sliding_window_layers if self.sliding_window else 0
+        # Without a per-layer list the sliding layers are spread evenly (Gemma-style).
+        kinds: list[LayerKind] = ["full_attention"] * self.num_layers
+        for index in range(sliding):
+            kinds[index * self.num_layers // sliding] = "sliding_attention"
+        return kinds
 
     @property
     def embedding_parameters(self) -> int:
@@ -96,6 +143,14 @@ class Placement(_Data):
     tensor_parallel_size: int
     pipeline_parallel_size: int
     nodes: int
+    efa_interfaces: int = Field(
+        0, description="vpc.amazonaws.com/efa devices per pod; multi-node placements only."
+    )
+    compile_instance_type: str | None = Field(
+        None,
+        description="Neuron: the instance type a one-off compile Job runs on, when the serving "
+        "node has too little host memory to compile the model itself.",
+    )
     weight_bytes: int = Field(description="Bytes of weights served, whole model.")
     kv_cache_bytes_per_token: int = Field(description="Per accelerator (worker), all its layers.")
     kv_cache_tokens: int = Field(description="Tokens the KV cache holds (per replica).")

@@ -30,10 +30,10 @@ from .nodepool import (
     accelerator_taint_key,
     karpenter_objects,
     node_group_request,
-    pool_name,
+    placement_pool_name,
 )
 from .plan import Placement
-from .sizing import EPHEMERAL_BASE_BYTES
+from .sizing import EFA_RESOURCE, EPHEMERAL_BASE_BYTES
 from .source import LocalSource, S3Source, VolumeSource
 
 __all__ = [
@@ -391,6 +391,9 @@ def _container(
 ) -> dict[str, Any]:
     _, mounts = _volumes_and_mounts(md, placement, config)
     accelerators = {placement.resource_name: str(placement.resource_count)}
+    if placement.efa_interfaces:
+        # Multi-node replicas talk over EFA (NCCL / Neuron collectives through libfabric).
+        accelerators[EFA_RESOURCE] = str(placement.efa_interfaces)
     container: dict[str, Any] = {
         "name": "runtime",
         "image": _runtime_image(md, placement, config),
@@ -738,7 +741,7 @@ def render(md: ModelDeploymentRef, placement: Placement, config: OperatorConfig)
     """Every Kubernetes object (and the node group request) for one ModelDeployment."""
     _check_names(md, placement)
     try:
-        pool = pool_name(placement.instance_type, placement.capacity_type)
+        pool = placement_pool_name(placement)
         low, high = replica_bounds(md)
         node_pool_objects: list[dict[str, Any]] = []
         node_group: NodeGroupRequest | None = None

@@ -25,7 +25,31 @@ URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|(fsx|efs)://[a-z0-
 
 
 class SourceError(ValueError):
-    """A model URL that cannot be used; the message names the field and the fix."""
+    """A model URL that cannot be used; the message names the field and the fix.
+
+    `problem` is the message without the field, for callers that name the field themselves."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _name_problem(name: str, what: str, low: int, high: int) -> str | None:
+    """What is wrong with a bucket or claim name, in words (None when it is fine)."""
+    if not name:
+        return f"has no {what}"
+    bad = sorted({char for char in name if not (char.islower() or char.isdigit() or char in ".-")})
+    if bad:
+        return (
+            f"{what}s use lowercase letters, digits, dots and hyphens; {name!r} has "
+            + ", ".join(repr(char) for char in bad)
+        )
+    if not (low <= len(name) <= high):
+        return f"{what}s are {low} to {high} characters long; {name!r} has {len(name)}"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return f"{what}s start and end with a lowercase letter or digit; {name!r} does not"
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,7 @@ ModelSource = S3Source | VolumeSource | LocalSource
 def _clean_relative(path: str, field: str, uri: str) -> str:
     parts = [p for p in PurePosixPath("/" + path).parts[1:] if p not in ("", ".")]
     if ".." in parts:
-        raise SourceError(f"{field}: {uri!r} contains '..'; give the model's path without '..'.")
+        raise SourceError(field, f"{uri!r} contains '..'; give the model's path without '..'.")
     return "/".join(parts)
 
 
@@ -78,31 +102,35 @@ def parse_source(uri: str, field: str = "spec.model.uri") -> ModelSource:
     scheme, sep, rest = uri.partition("://")
     if not sep:
         raise SourceError(
-            f"{field}: {uri!r} has no scheme; use s3://bucket/prefix, fsx://<pvc>/<path>, "
-            "efs://<pvc>/<path> or file:///dir."
+            field,
+            f"{uri!r} has no scheme; use s3://bucket/prefix, fsx://<pvc>/<path>, "
+            "efs://<pvc>/<path> or file:///dir.",
         )
     scheme = scheme.lower()
     if scheme == "s3":
         bucket, _, prefix = rest.partition("/")
-        if not _BUCKET.match(bucket):
+        problem = _name_problem(bucket, "bucket name", 3, 63)
+        if problem or not _BUCKET.match(bucket):
             raise SourceError(
-                f"{field}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, "
-                "digits, '.' or '-'); write s3://<bucket>/<prefix>."
+                field,
+                f"{uri!r}: {problem or 'not an S3 bucket name'}; write s3://<bucket>/<prefix>.",
             )
         prefix = _clean_relative(prefix, field, uri)
         return S3Source(bucket=bucket, prefix=prefix + "/" if prefix else "")
     if scheme in ("fsx", "efs"):
         claim, _, path = rest.partition("/")
-        if not _DNS_SUBDOMAIN.match(claim):
+        problem = _name_problem(claim, "PersistentVolumeClaim name", 1, 253)
+        if problem or not _DNS_SUBDOMAIN.match(claim):
             raise SourceError(
-                f"{field}: {claim!r} is not a PersistentVolumeClaim name; write "
-                f"{scheme}://<pvc-name>/<path inside the volume>."
+                field,
+                f"{uri!r}: {problem or 'not a PersistentVolumeClaim name'}; write "
+                f"{scheme}://<pvc-name>/<path inside the volume>.",
             )
         return VolumeSource(scheme=scheme, claim=claim, path=_clean_relative(path, field, uri))  # type: ignore[arg-type]
     if scheme == "file":
         if not rest.startswith("/"):
-            raise SourceError(f"{field}: {uri!r} must be an absolute path: file:///path/to/model.")
+            raise SourceError(field, f"{uri!r} must be an absolute path: file:///path/to/model.")
         return LocalSource(path="/" + _clean_relative(rest, field, uri))
     raise SourceError(
-        f"{field}: scheme {scheme!r} is not supported; use s3://, fsx://, efs:// or file://."
+        field, f"scheme {scheme!r} is not supported; use s3://, fsx://, efs:// or file://."
     )

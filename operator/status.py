@@ -10,8 +10,10 @@ observedGeneration); lastTransitionTime is kept when a condition's status does n
     Planned        a placement fits (False: NoPlacement, with what would fit)
     CapacityReady  nodes for the pool exist (False: NodeProvisioning, NodeGroupCreating)
     Available      at least one replica serves requests
-    Degraded       something is wrong while a workload runs (a rejected edit, crashing pods,
-                   fewer ready replicas than wanted)
+    Degraded       something is wrong: a rejected edit, crashing pods, fewer ready replicas than
+                   wanted, pods that cannot be created (PodCreationFailed: a missing ServiceAccount,
+                   a PodSecurity rejection), children that cannot be applied (ApplyFailed), or a
+                   model store that does not answer (ModelUnreachable); the last two are retried
 
 The phase comes from the pods, because the runtime has no permission to write to the API:
 
@@ -43,7 +45,14 @@ from .apply import Observation
 from .plan import Placement
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-CONDITION_TYPES = ("Validated", "Planned", "CapacityReady", "Available", "Degraded")
+CONDITION_TYPES = (
+    "Validated",
+    "Planned",
+    "CapacityReady",
+    "Available",
+    "Degraded",
+    "KVCacheAsPredicted",
+)
 PHASES = (
     "Pending",
     "NodeProvisioning",
@@ -79,8 +88,20 @@ RUNTIME_CONTAINER = "runtime"
 class Failure:
     """Why the current spec could not be acted on."""
 
-    reason: Literal["InvalidSpec", "ModelUnreadable", "NoPlacement", "RenderFailed"]
+    reason: Literal[
+        "InvalidSpec",
+        "ModelUnreadable",
+        "ModelUnreachable",
+        "NoPlacement",
+        "RenderFailed",
+        "ApplyFailed",
+    ]
     message: str
+
+    @property
+    def transient(self) -> bool:
+        """Retried with backoff (the store or the API server failed), not a verdict on the spec."""
+        return self.reason in ("ModelUnreachable", "ApplyFailed")
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,7 @@ class ReconcileFacts:
     endpoint: str | None = None
     desired_replicas: int | None = None
     selector: str | None = None
+    measured_kv_cache_tokens: int | None = None  # what vLLM allocated (kvfeedback.py)
 
 
 @dataclass(frozen=True)
@@ -232,8 +254,11 @@ def pod_phase(
         next(iter(_container_statuses(pod)), None),
     )
     running = ((runtime or {}).get("state") or {}).get("running")
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
+        return "Scheduling", f"{name}: waiting for the scheduler to place it"
     if running is None:
-        return "Scheduling", f"{name}: on its node, containers starting"
+        return "Scheduling", f"{name}: on node {node}, containers starting"
     started = parse_time(running.get("startedAt"))
     elapsed = (now - started).total_seconds() if started else 0.0
     if neuron and elapsed > fetch_seconds:
@@ -242,6 +267,17 @@ def pod_phase(
 
 
 _PHASE_PROGRESS = {phase: index for index, phase in enumerate(PHASES)}
+POD_CREATION_FAILED = "pods cannot be created: "
+
+
+def pod_creation_failure(workload: Mapping[str, Any] | None) -> str | None:
+    """Why the workload's controller cannot create pods (a missing ServiceAccount, a PodSecurity
+    or quota rejection), from its ReplicaFailure condition, which the Deployment controller
+    copies from the ReplicaSet's; None when it creates them."""
+    condition = _conditions_of(workload or {}).get("ReplicaFailure") or {}
+    if condition.get("status") != "True":
+        return None
+    return POD_CREATION_FAILED + str(condition.get("message") or condition.get("reason"))
 
 
 def workload_phase(facts: ReconcileFacts, now: datetime.datetime) -> tuple[str, str, int, int]:
@@ -256,6 +292,14 @@ def workload_phase(facts: ReconcileFacts, now: datetime.datetime) -> tuple[str, 
     pods = [p for p in observation.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     if desired == 0:
         return "Ready", "scaled to zero; the autoscaler starts a replica on demand", 0, 0
+    cannot_create = pod_creation_failure(observation.workload) or (
+        POD_CREATION_FAILED + observation.replica_failure if observation.replica_failure else None
+    )
+    if cannot_create and len(pods) < desired:
+        if ready > 0:
+            return "Degraded", f"{ready}/{desired} replicas ready; {cannot_create}", desired, ready
+        if not pods:
+            return "Failed", cannot_create, desired, ready
     stuck = [reason for pod in pods if (reason := _stuck_reason(pod))]
     if ready >= desired:
         return "Ready", f"{ready}/{desired} replicas ready", desired, ready
@@ -330,7 +374,10 @@ def build_status(
     def cond(type_: str, status: ConditionStatus, reason: str, message: str) -> dict[str, Any]:
         return _condition(type_, status, reason, message, gen, old_conditions, stamp)
 
-    if failure and failure.reason in ("InvalidSpec", "ModelUnreadable"):
+    if failure and failure.reason == "ModelUnreachable":
+        validated = cond("Validated", "Unknown", failure.reason, failure.message)
+        planned = cond("Planned", "Unknown", "NotValidated", "the model is read again shortly")
+    elif failure and failure.reason in ("InvalidSpec", "ModelUnreadable"):
         validated = cond("Validated", "False", failure.reason, failure.message)
         planned = cond("Planned", "Unknown", "NotValidated", "fix the spec to plan again")
     else:
@@ -378,22 +425,37 @@ def build_status(
         available = cond("Available", "False", phase, message)
 
     if failure and running:
+        kept = "SpecRejected" if not failure.transient else failure.reason
         degraded = cond(
             "Degraded",
             "True",
-            "SpecRejected",
+            kept,
             f"the last good workload keeps serving; {failure.reason}: {failure.message}",
         )
         phase, message = "Degraded", f"{failure.reason}: {failure.message}"
     elif failure:
         degraded = cond("Degraded", "True", failure.reason, failure.message)
-        phase, message = "Failed", f"{failure.reason}: {failure.message}"
+        phase = "Pending" if failure.transient else "Failed"
+        message = f"{failure.reason}: {failure.message}"
+        if failure.transient:
+            message += " (retrying)"
+    elif message.startswith(POD_CREATION_FAILED):
+        degraded = cond("Degraded", "True", "PodCreationFailed", message)
     elif phase in ("Degraded", "Failed"):
         degraded = cond("Degraded", "True", "ReplicasFailing", message)
     else:
         degraded = cond("Degraded", "False", "AsExpected", "")
 
     conditions = [validated, planned, capacity, available, degraded]
+    kv_cache: dict[str, Any] | None = None
+    if facts.placement is not None:
+        from .kvfeedback import verdict
+
+        kv = verdict(facts.placement, facts.measured_kv_cache_tokens)
+        conditions.append(cond("KVCacheAsPredicted", kv.status, kv.reason, kv.message))
+        kv_cache = {"predictedTokens": facts.placement.kv_cache_tokens}
+        if facts.measured_kv_cache_tokens is not None:
+            kv_cache["measuredTokens"] = facts.measured_kv_cache_tokens
     status: dict[str, Any] = {
         "observedGeneration": gen,
         "phase": phase,
@@ -406,6 +468,7 @@ def build_status(
         "replicas": desired,
         "readyReplicas": ready,
         "endpoint": facts.endpoint or previous.get("endpoint"),
+        "kvCache": kv_cache or previous.get("kvCache"),
         "message": message,
     }
     if facts.selector:
@@ -414,7 +477,12 @@ def build_status(
 
 
 # Condition states that are bad news (a Warning Event); the rest is progress (Normal).
-_WARNING_WHEN = {"Validated": "False", "Planned": "False", "Degraded": "True"}
+_WARNING_WHEN = {
+    "Validated": "False",
+    "Planned": "False",
+    "Degraded": "True",
+    "KVCacheAsPredicted": "False",
+}
 
 
 def transitions(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[Transition]:

@@ -393,13 +393,27 @@ def run_demo(args: argparse.Namespace) -> int:
         _say("stopped vLLM and SeaweedFS" + ("" if args.keep else ", removed temporary files"))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`modelship demo`'s options."""
+    parser = argparse.ArgumentParser(prog="modelship demo", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--prompt",
+        default="What is the capital of France?",
+        help="the question asked of the tiny model once it serves (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ready-timeout-seconds",
+        type=float,
+        default=600.0,
+        help="how long to wait for vLLM to load and answer /health (default: %(default)s)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """`modelship demo`."""
-    parser = argparse.ArgumentParser(prog="modelship demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", default="What is the capital of France?")
-    parser.add_argument("--ready-timeout-seconds", type=float, default=600.0)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     # Ctrl-C, and SIGTERM too, end the demo through its cleanup (even when started in the
     # background, where SIGINT would otherwise be ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)

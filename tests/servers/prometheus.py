@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import yaml
-from modelship.operator.opmetrics import METRICS
 from modelship.runtime.demo import free_port
 
 RULES = (
@@ -96,8 +95,8 @@ def prometheus(runtime_vllm: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     if binary is None:
         pytest.skip("prometheus is not installed: run scripts/install-prometheus.sh")
     workdir = tmp_path_factory.mktemp("prometheus")
+    # The operator a test starts (a process: `modelship operator --metrics-port`) serves here.
     operator_port, port = free_port(), free_port()
-    METRICS.serve(operator_port, address="127.0.0.1")
     vllm_address = urllib.parse.urlparse(runtime_vllm.base_url).netloc
     runtime_address = urllib.parse.urlparse(runtime_vllm.metrics_url).netloc
     (workdir / "prometheus.yml").write_text(

@@ -593,6 +593,213 @@ DEEPSEEK_V3: Config = {
     "vocab_size": 129280,
 }
 
+# https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json: MXFP4 experts, attention
+# alternating a 128-token sliding window with full attention, attention sinks.
+GPT_OSS_120B: Config = {
+    "architectures": ["GptOssForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": 200002,
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "initial_context_length": 4096,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 18,
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "num_local_experts": 128,
+    "pad_token_id": 199999,
+    "quantization_config": {
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+        "quant_method": "mxfp4",
+    },
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    "rope_theta": 150000,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 201088,
+}
+
+# https://huggingface.co/openai/gpt-oss-20b/blob/main/config.json: as 120b, 24 layers, 32 experts.
+GPT_OSS_20B: Config = {
+    **GPT_OSS_120B,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "num_hidden_layers": 24,
+    "num_local_experts": 32,
+}
+
+# https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json
+QWEN3_30B_A3B: Config = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+# https://huggingface.co/Qwen/Qwen3-30B-A3B-FP8/blob/main/config.json: block FP8 (128 x 128);
+# modules_to_not_convert lists lm_head and every layer's mlp.gate (router), shortened here.
+QWEN3_30B_A3B_FP8: Config = {
+    **QWEN3_30B_A3B,
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate"],
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
+}
+
+# https://huggingface.co/google/gemma-3-1b-it/blob/main/config.json: five 512-token sliding
+# layers for every global one (sliding_window_pattern 6).
+GEMMA_3_1B: Config = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 262144,
+}
+
+# https://huggingface.co/ai21labs/AI21-Jamba-1.5-Mini/blob/main/config.json: Mamba layers with
+# one attention layer in eight (attn_layer_period 8, offset 4), MoE every other layer.
+JAMBA_1_5_MINI: Config = {
+    "architectures": ["JambaForCausalLM"],
+    "attention_dropout": 0.0,
+    "attn_layer_offset": 4,
+    "attn_layer_period": 8,
+    "bos_token_id": 1,
+    "eos_token_id": [2, 518],
+    "expert_layer_offset": 1,
+    "expert_layer_period": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "mamba_conv_bias": True,
+    "mamba_d_conv": 4,
+    "mamba_d_state": 16,
+    "mamba_dt_rank": 256,
+    "mamba_expand": 2,
+    "mamba_proj_bias": False,
+    "max_position_embeddings": 262144,
+    "model_type": "jamba",
+    "num_attention_heads": 32,
+    "num_experts": 16,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_mamba_kernels": True,
+    "vocab_size": 65536,
+}
+
+# https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct/blob/main/config.json: Gated DeltaNet
+# linear attention, with full attention every fourth layer.
+QWEN3_NEXT_80B_A3B: Config = {
+    "architectures": ["Qwen3NextForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "full_attention_interval": 4,
+    "head_dim": 256,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 5120,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "linear_value_head_dim": 128,
+    "max_position_embeddings": 262144,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_next",
+    "moe_intermediate_size": 512,
+    "norm_topk_prob": True,
+    "num_attention_heads": 16,
+    "num_experts": 512,
+    "num_experts_per_tok": 10,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 2,
+    "partial_rotary_factor": 0.25,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000000,
+    "shared_expert_intermediate_size": 512,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
+}
+
 ALL_CONFIGS: dict[str, Config] = {
     "LLAMA_3_8B": LLAMA_3_8B,
     "LLAMA_3_70B": LLAMA_3_70B,
@@ -612,6 +819,13 @@ ALL_CONFIGS: dict[str, Config] = {
     "PHI_3_MINI": PHI_3_MINI,
     "DEEPSEEK_V2_LITE": DEEPSEEK_V2_LITE,
     "DEEPSEEK_V3": DEEPSEEK_V3,
+    "GPT_OSS_120B": GPT_OSS_120B,
+    "GPT_OSS_20B": GPT_OSS_20B,
+    "QWEN3_30B_A3B": QWEN3_30B_A3B,
+    "QWEN3_30B_A3B_FP8": QWEN3_30B_A3B_FP8,
+    "GEMMA_3_1B": GEMMA_3_1B,
+    "JAMBA_1_5_MINI": JAMBA_1_5_MINI,
+    "QWEN3_NEXT_80B_A3B": QWEN3_NEXT_80B_A3B,
 }
 
 # Published parameter counts (model cards / the safetensors index metadata), for sizing tests

@@ -8,7 +8,13 @@ import kubernetes_validate
 import pytest
 import yaml
 from modelship.operator import api
-from modelship.operator.api import SpecError, load_manifest, load_spec, parse_parameter_count
+from modelship.operator.api import (
+    SpecError,
+    check_name,
+    load_manifest,
+    load_spec,
+    parse_parameter_count,
+)
 from modelship.operator.crd import build_crd, crd_yaml
 from modelship.operator.engine import EngineArgs
 from modelship.operator.source import LocalSource, S3Source, SourceError, VolumeSource, parse_source
@@ -242,3 +248,57 @@ class TestCrd:
             "x-kubernetes-int-or-string": True,
         }
         assert "uri" in spec_props["model"]["required"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        (
+            "s3://Bad_Bucket/x",
+            "bucket names use lowercase letters, digits, dots and hyphens; 'Bad_Bucket' has 'B', '_'",
+        ),
+        ("s3://ab/x", "bucket names are 3 to 63 characters long; 'ab' has 2"),
+        ("s3://-models/x", "bucket names start and end with a lowercase letter or digit"),
+        ("s3:///x", "has no bucket name"),
+        (
+            "fsx://Models/x",
+            "PersistentVolumeClaim names use lowercase letters, digits, dots and hyphens",
+        ),
+        ("S3://models/x", "a lowercase scheme"),
+        (" s3://models/x", "no spaces around the URI"),
+    ],
+)
+def test_uri_errors_say_what_is_wrong_in_words(uri: str, words: str) -> None:
+    # The operator's Validated condition carries the same message (handlers use load_spec).
+    with pytest.raises(SpecError) as caught:
+        load_spec({"model": {"uri": uri}})
+    assert caught.value.field == "spec.model.uri"
+    assert words in caught.value.message
+    assert "pattern" not in caught.value.message and "[a-z0-9]" not in caught.value.message
+
+
+def test_the_crd_keeps_the_uri_pattern_for_the_api_server() -> None:
+    from modelship.operator.source import URI_PATTERN
+
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["model"]["properties"]["uri"]["pattern"] == URI_PATTERN
+
+
+@pytest.mark.parametrize("name", ["chat", "llama-3-8b", "a" * 63, "m1"])
+def test_names_that_can_name_a_service_pass(name: str) -> None:
+    check_name(name)
+
+
+@pytest.mark.parametrize("name", ["m" * 64, "1chat", "chat-", "chat.v2", "Chat"])
+def test_names_that_cannot_name_a_service_are_refused_naming_the_field(name: str) -> None:
+    with pytest.raises(SpecError) as error:
+        check_name(name)
+    assert error.value.field == "metadata.name"
+    assert "at most 63" in str(error.value)
+
+
+def test_the_crd_refuses_such_names_and_defaults_replicas_for_kubectl_scale() -> None:
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    (rule,) = schema["x-kubernetes-validations"]
+    assert "self.metadata.name.size() <= 63" in rule["rule"]
+    assert schema["properties"]["spec"]["properties"]["replicas"]["default"] == {}

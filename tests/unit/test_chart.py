@@ -31,7 +31,8 @@ assert _spec is not None and _spec.loader is not None
 generate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generate)
 
-WRITE_VERBS = {"get", "list", "create", "patch", "delete"}
+WRITE_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+READ_VERBS = {"list", "watch"}
 INTEGRATIONS: list[dict[str, Any]] = [
     {},
     {"nodePools": {"mode": "eks-nodegroup"}, "autoscaler": "hpa"},
@@ -88,11 +89,8 @@ def group_of(kind: apply.Kind) -> str:
 def test_renders_and_validates(values: dict[str, Any]) -> None:
     objs = objects(values)
     assert of_kind(objs, "Deployment"), "the operator Deployment is missing"
+    assert not [o for o in objs if o["apiVersion"].startswith("kopf.dev")], "kopf peering is gone"
     for obj in objs:
-        if obj["apiVersion"] == "kopf.dev/v1":
-            # kopf's peering objects: their CRD (crds/kopf-peerings.yaml) only has status.
-            assert set(obj) == {"apiVersion", "kind", "metadata"}, obj
-            continue
         validate_object(obj)
 
 
@@ -149,20 +147,27 @@ def test_rbac_covers_every_kind_the_operator_calls(values: dict[str, Any]) -> No
         for kind in (*apply.CHILD_KINDS, *apply.POOL_KINDS, apply.POD, apply.NODE_CLAIM):
             granted = granted_in(objs, namespace if kind.namespaced else None)
             verbs = granted.get((group_of(kind), kind.plural), set())
-            # Pruning and observation list every kind, enabled or not (apply.py).
-            assert "list" in verbs, f"{kind.kind}: no list in {namespace or 'cluster'}"
+            # Pruning lists and the watches (handlers.py) watch every kind, enabled or not.
+            assert verbs >= READ_VERBS, f"{kind.kind}: no list/watch in {namespace or 'cluster'}"
             if kind in (apply.POD, apply.NODE_CLAIM):
-                assert verbs == {"list"}, f"{kind.kind}: only read, got {verbs}"
+                assert verbs == READ_VERBS, f"{kind.kind}: only read, got {verbs}"
             elif enabled.get(kind, True):
                 assert verbs == WRITE_VERBS, f"{kind.kind}: {verbs}"
             else:
-                assert verbs == {"list"}, f"{kind.kind} is disabled but may {verbs}"
+                assert verbs == READ_VERBS, f"{kind.kind} is disabled but may {verbs}"
         granted = granted_in(objs, namespace)
         assert granted[("modelship.dev", "modeldeployments")] == {"get", "list", "watch", "patch"}
         assert granted[("modelship.dev", "modeldeployments/status")] == {"get", "patch"}
         assert granted[("", "events")] == {"create"}
-        peering = "clusterkopfpeerings" if namespace is None else "kopfpeerings"
-        assert granted[("kopf.dev", peering)] == {"get", "list", "watch", "patch"}
+    # Leader election: one Lease in the release namespace, nothing cluster-wide.
+    (lease_role,) = [
+        r for r in of_kind(objs, "Role") if r["metadata"]["name"].endswith("-leader-election")
+    ]
+    assert lease_role["metadata"]["namespace"] == "modelship-system"
+    assert rules_by_resource(lease_role["rules"]) == {
+        ("coordination.k8s.io", "leases"): {"get", "create", "update"}
+    }
+    assert ("coordination.k8s.io", "leases") not in granted_in(objs, None)
     if effective["watchNamespaces"]:
         cluster = granted_in(objs, None)
         assert ("modelship.dev", "modeldeployments") not in cluster, (
@@ -228,17 +233,19 @@ def test_operator_deployment_is_restricted_and_probed() -> None:
     deployment = of_kind(objects({}), "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert deployment["spec"]["replicas"] == 2 and "--standalone" not in container["args"]
+    # Two replicas by default: a Lease elects the one that reconciles (operator/leader.py).
+    assert deployment["spec"]["replicas"] == 2
+    env = {
+        e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        for e in container["env"]
+    }
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container["args"][container["args"].index("--liveness") + 1].endswith(
-        f":{ports['health']}/healthz"
-    )
-    single = of_kind(objects({"operator": {"replicas": 1}}), "Deployment")[0]
-    assert "--standalone" in single["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert container["args"][container["args"].index("--health-port") + 1] == str(ports["health"])
 
 
 def test_runtime_service_account_with_irsa_in_every_namespace() -> None:

@@ -21,6 +21,7 @@ from modelship.operator.modelinfo import (
     model_info_from_config,
     quantization_from_config,
     read_safetensors_header,
+    summarize_weights,
 )
 from modelship.operator.plan import ModelInfo
 from modelship.operator.source import LocalSource, VolumeSource, parse_source
@@ -307,7 +308,8 @@ def test_quantization_mapping() -> None:
         q = quantization_from_config({"quantization_config": qc})
         return q.name, q.bits, q.group_size
 
-    assert quant({"quant_method": "gptq", "bits": 8, "group_size": -1}) == ("int8-gptq", 8, None)
+    # group_size -1: one scale per output channel (GPTQ), kept as -1 so sizing skips group checks.
+    assert quant({"quant_method": "gptq", "bits": 8, "group_size": -1}) == ("int8-gptq", 8, -1)
     assert quant({"quant_method": "awq", "bits": 4, "group_size": 64}) == ("int4-awq", 4, 64)
     with pytest.raises(ModelInfoError, match="bits is 8 for awq"):
         quant({"quant_method": "awq", "bits": 8})
@@ -325,9 +327,106 @@ def test_quantization_mapping() -> None:
     int8 = {"num_bits": 8, "type": "int", "strategy": "channel", "group_size": None}
     assert quant(compressed(fp8)) == ("fp8", None, None)
     assert quant(compressed(int4)) == ("int4-gptq", 4, 128)
-    assert quant(compressed(int8)) == ("int8", 8, None)
+    assert quant(compressed(int8)) == ("int8", 8, -1)  # strategy channel: per-channel scales
     with pytest.raises(ModelInfoError, match="config_groups"):
         quant(compressed(fp8, int4))
+
+
+def test_quantization_formats_users_have() -> None:
+    # openai/gpt-oss-120b: MXFP4 experts; attention, router, embeddings and lm_head not converted.
+    gpt_oss = quantization_from_config(configs.GPT_OSS_120B)
+    assert (gpt_oss.name, gpt_oss.method, gpt_oss.bits, gpt_oss.group_size) == (
+        "mxfp4",
+        "mxfp4",
+        4,
+        32,
+    )
+    assert "model.layers.*.self_attn" in gpt_oss.unquantized_modules
+    # Qwen/Qwen3-30B-A3B-FP8: block FP8, 128 x 128, lm_head and routers not converted.
+    block = quantization_from_config(configs.QWEN3_30B_A3B_FP8)
+    assert (block.name, block.block_size) == ("fp8", (128, 128))
+    assert "lm_head" in block.unquantized_modules
+    # compressed-tensors block FP8 (llm-compressor FP8_BLOCK scheme): block_structure.
+    compressed_block = quantization_from_config(
+        {
+            "quantization_config": {
+                "quant_method": "compressed-tensors",
+                "config_groups": {
+                    "group_0": {
+                        "targets": ["Linear"],
+                        "weights": {
+                            "num_bits": 8,
+                            "type": "float",
+                            "strategy": "block",
+                            "block_structure": [128, 128],
+                        },
+                    }
+                },
+                "ignore": ["lm_head"],
+            }
+        }
+    )
+    assert (compressed_block.name, compressed_block.block_size) == ("fp8", (128, 128))
+    assert compressed_block.unquantized_modules == ("lm_head",)
+    with pytest.raises(ModelInfoError, match="weight_block_size is \\[128\\]"):
+        quantization_from_config(
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}
+        )
+
+
+def test_layer_kinds_follow_each_family() -> None:
+    def kinds(config: dict[str, Any]) -> list[str]:
+        return list(from_config(config).layer_kinds())
+
+    # gpt-oss layer_types: alternating 128-token windows and full attention.
+    gpt_oss = from_config(configs.GPT_OSS_20B)
+    assert gpt_oss.layer_kinds()[:2] == ["sliding_attention", "full_attention"]
+    assert (gpt_oss.sliding_window, gpt_oss.sliding_window_layers) == (128, 12)
+    # Gemma 2: even layers slide (vLLM gemma2.py); Gemma 3: every 6th layer is global.
+    assert kinds(GEMMA_2_9B)[:4] == ["sliding_attention", "full_attention"] * 2
+    gemma3 = kinds(configs.GEMMA_3_1B)
+    assert [i for i, kind in enumerate(gemma3) if kind == "full_attention"] == [5, 11, 17, 23]
+    # Jamba: attention at layer % 8 == 4, Mamba elsewhere; state shapes from mamba_d_*.
+    jamba = from_config(configs.JAMBA_1_5_MINI)
+    assert [i for i, k in enumerate(jamba.layer_kinds()) if k == "full_attention"] == [
+        4,
+        12,
+        20,
+        28,
+    ]
+    assert (jamba.recurrent_conv_elements, jamba.recurrent_ssm_elements) == (3 * 8192, 8192 * 16)
+    # Qwen3-Next: full attention every 4th layer, Gated DeltaNet in between.
+    nxt = from_config(configs.QWEN3_NEXT_80B_A3B)
+    assert nxt.layer_kinds()[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    assert nxt.recurrent_conv_elements == 3 * (2 * 16 * 128 + 32 * 128)
+    assert nxt.recurrent_ssm_elements == 32 * 128 * 128
+    # Plain GQA models list no per-layer kinds (all full attention).
+    assert from_config(LLAMA_3_8B).layer_types == []
+    with pytest.raises(ModelInfoError, match="layer_types lists 2 layers"):
+        from_config({**LLAMA_3_8B, "layer_types": ["full_attention"] * 2})
+    with pytest.raises(ModelInfoError, match="cross_attention"):
+        from_config({**LLAMA_3_8B, "layer_types": ["cross_attention"] * 32})
+
+
+def test_mxfp4_blocks_count_two_weights_per_byte() -> None:
+    # gpt-oss stores each expert projection as *_blocks (U8: two FP4 values) and *_scales (U8
+    # E8M0, one per 32 weights): parameters are the FP4 values, scales are not parameters.
+    experts, rows, blocks = 4, 64, 2
+    header = {
+        "model.layers.0.mlp.experts.down_proj_blocks": {
+            "dtype": "U8",
+            "shape": [experts, rows, blocks, 16],
+            "data_offsets": [0, experts * rows * blocks * 16],
+        },
+        "model.layers.0.mlp.experts.down_proj_scales": {
+            "dtype": "U8",
+            "shape": [experts, rows, blocks],
+            "data_offsets": [experts * rows * blocks * 16, experts * rows * blocks * 17],
+        },
+    }
+    summary = summarize_weights({"model.safetensors": header}, quantization_bits=4)
+    assert summary.parameters == experts * rows * blocks * 32
+    assert summary.checkpoint_bytes == experts * rows * blocks * 17
 
 
 # --- safetensors packages ------------------------------------------------------------------------
@@ -748,3 +847,11 @@ def test_configs_are_not_mutated() -> None:
         from_config(config)
     assert before == configs.ALL_CONFIGS
     assert QWEN2_72B["intermediate_size"] == 29568
+
+
+def test_hybrids_modelship_cannot_lay_out_are_flagged() -> None:
+    # Falcon-H1 runs attention and Mamba side by side in each layer (vLLM falcon_h1.py): sized as
+    # attention only, which the plan says rather than hiding.
+    info = from_config({**LLAMA_3_8B, "model_type": "falcon_h1"})
+    assert any("Mamba state is not counted" in warning for warning in info.warnings)
+    assert not any("Mamba" in warning for warning in from_config(LLAMA_3_8B).warnings)

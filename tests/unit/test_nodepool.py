@@ -152,3 +152,21 @@ def test_merge_refuses_limits_it_cannot_add() -> None:
     odd = {**pool, "spec": {**pool["spec"], "limits": {"nvidia.com/gpu": "1k"}}}
     with pytest.raises(NodePoolError, match="1k"):
         merge_node_pool_objects([[pool], [odd]])
+
+
+def test_multi_node_placements_get_their_own_efa_pool() -> None:
+    # Multi-node replicas ask for EFA devices (vpc.amazonaws.com/efa); their nodes come from a
+    # pool of their own, labelled, so a single-node replica never takes an EFA node.
+    spread = LLAMA_405B_H100.model_copy(update={"efa_interfaces": 32})
+    assert spread.nodes > 1
+    node_class, node_pool = karpenter_objects(spread, CONFIG, max_replicas=1)
+    assert node_pool["metadata"]["name"] == "modelship-p5-48xlarge-od-efa"
+    assert node_pool["spec"]["template"]["metadata"]["labels"]["modelship.dev/efa"] == "true"
+    for obj in (node_class, node_pool):
+        validate_object(obj)
+    request = node_group_request(spread, CONFIG, min_replicas=1, max_replicas=1)
+    assert request.name == "modelship-p5-48xlarge-od-efa"
+    assert request.labels["modelship.dev/efa"] == "true"
+    _, single = karpenter_objects(LLAMA_8B_L4, CONFIG, max_replicas=1)
+    assert "modelship.dev/efa" not in single["spec"]["template"]["metadata"]["labels"]
+    assert pool_name("p5.48xlarge", "spot", efa=True) == "modelship-p5-48xlarge-spot-efa"

@@ -1040,8 +1040,11 @@ class TestWithTheRealSizingEngine:
         ("model_config", "parameters", "accelerator", "expect_nodes"),
         [
             ("LLAMA_3_8B", 8_030_261_248, {}, 1),
-            ("LLAMA_3_70B", 70_553_706_496, {}, 1),
+            # 2 x g6.12xlarge (TP 4 x PP 2) is cheaper than any one node that holds 70B bf16.
+            ("LLAMA_3_70B", 70_553_706_496, {}, 2),
             ("LLAMA_3_1_405B", 405_853_388_800, {"instanceTypes": ["p5.48xlarge"]}, 2),
+            # AWS NxD Inference: 405B at TP 128 over 4 x trn1.32xlarge, 8 EFA devices each.
+            ("LLAMA_3_1_405B", 405_853_388_800, {"instanceTypes": ["trn1.32xlarge"]}, 4),
             ("LLAMA_3_8B", 8_030_261_248, {"family": "inferentia"}, 1),
             ("LLAMA_3_70B", 70_553_706_496, {"family": "trainium"}, 1),
         ],
@@ -1077,9 +1080,23 @@ class TestWithTheRealSizingEngine:
         for obj in [*result.node_pool_objects, *result.children]:
             validate_object(obj)
         container = runtime(pod_specs(result)[0])
+        # Multi-node replicas also ask for the node's EFA devices (SN 1.7: ai-on-eks multi-node
+        # blueprints request vpc.amazonaws.com/efa), on their own EFA node pool.
+        efa = (
+            {"vpc.amazonaws.com/efa": str(plan.chosen.efa_interfaces)}
+            if plan.chosen.nodes > 1
+            else {}
+        )
+        assert (plan.chosen.efa_interfaces > 0) == (plan.chosen.nodes > 1)
         assert container["resources"]["limits"] == {
-            plan.chosen.resource_name: str(plan.chosen.resource_count)
+            plan.chosen.resource_name: str(plan.chosen.resource_count),
+            **efa,
         }
+        assert result.pool_name.endswith("-efa") == (plan.chosen.nodes > 1)
+        pools = [o for o in result.node_pool_objects if o["kind"] == "NodePool"]
+        for pool in pools:
+            labels = pool["spec"]["template"]["metadata"]["labels"]
+            assert (labels.get("modelship.dev/efa") == "true") == (plan.chosen.nodes > 1)
         if plan.chosen.nodes == 1:
             _, engine_args = parse_args(container["args"], env={})
             assert engine_args == plan.chosen.engine_args

@@ -47,7 +47,8 @@ def pod(
     }
     if container:
         status["containerStatuses"] = [{"name": "runtime", "restartCount": 0, **container}]
-    return {"metadata": {"name": "p-1"}, "status": status}
+    spec = {"nodeName": "node-1"} if scheduled else {}
+    return {"metadata": {"name": "p-1"}, "spec": spec, "status": status}
 
 
 def facts(placement: Placement, *pods: dict[str, Any], **changes: Any) -> ReconcileFacts:
@@ -200,3 +201,48 @@ def test_losing_availability_is_a_warning(placement: Placement) -> None:
     after = build_status(facts(placement, pod(state=started(5))), before, NOW)
     available = [e for e in after.events if e.message.startswith("Available=False")]
     assert available and available[0].type == "Warning"
+
+
+def test_phase_comes_from_real_pod_state(placement: Placement) -> None:
+    """A pod the scheduler has not placed yet has no node and may have no PodScheduled condition
+    at all; one with a node but no running container is starting there."""
+    unplaced = {"metadata": {"name": "p-1"}, "spec": {}, "status": {"phase": "Pending"}}
+    status = build_status(facts(placement, unplaced), None, NOW).status
+    assert status["phase"] == "Scheduling"
+    assert "waiting for the scheduler" in status["message"]
+    bound = {**unplaced, "spec": {"nodeName": "ip-10-0-0-1"}}
+    status = build_status(facts(placement, bound), None, NOW).status
+    assert status["phase"] == "Scheduling"
+    assert "on node ip-10-0-0-1, containers starting" in status["message"]
+
+
+def test_pods_that_cannot_be_created_are_a_failure_with_the_reason(placement: Placement) -> None:
+    message = (
+        'pods "chat-1" is forbidden: error looking up service account team/modelship-runtime: '
+        'serviceaccount "modelship-runtime" not found'
+    )
+    workload = {
+        "spec": {"replicas": 1},
+        "status": {
+            "conditions": [
+                {
+                    "type": "ReplicaFailure",
+                    "status": "True",
+                    "reason": "FailedCreate",
+                    "message": message,
+                }
+            ]
+        },
+    }
+    status = build_status(facts(placement, workload=workload), None, NOW).status
+    assert status["phase"] == "Failed"
+    assert conditions(status)["Degraded"]["reason"] == "PodCreationFailed"
+    assert message in status["message"]
+
+
+def test_transient_failures_are_retried_not_final(placement: Placement) -> None:
+    failure = Failure("ModelUnreachable", "spec.model.uri: cannot list s3://m/ for now")
+    status = build_status(ReconcileFacts(generation=1, failure=failure), None, NOW).status
+    assert status["phase"] == "Pending" and "retrying" in status["message"]
+    assert conditions(status)["Validated"]["status"] == "Unknown"
+    assert conditions(status)["Degraded"]["reason"] == "ModelUnreachable"

@@ -276,8 +276,13 @@ def serving() -> dict[str, Any]:
                         "runtime {{source}}",
                     ),
                     (f"max(modelship_operator_planned_kv_cache_tokens{{{OWN}}})", "operator plan"),
+                    (
+                        f"max(modelship_operator_measured_kv_cache_tokens{{{OWN}}})",
+                        "operator measured",
+                    ),
                 ],
-                description="What vLLM allocated (engine) next to the plan's prediction.",
+                description="What vLLM allocated (engine) next to the plan's prediction; the "
+                "operator reads the engine figure back into status (condition KVCacheAsPredicted).",
             ),
             panel(
                 "Preemptions/s",

@@ -52,11 +52,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Verbs on the kinds the operator applies (server-side apply needs create and patch) and
 prunes (list, delete); `get` reads before applying and observes the workload. */}}
-{{- define "modelship.writeVerbs" -}}[get, list, create, patch, delete]{{- end -}}
+{{- define "modelship.writeVerbs" -}}[get, list, watch, create, update, patch, delete]{{- end -}}
 
-{{/* Namespaced permissions, from operator/handlers.py, apply.py and kopf. An optional integration
-that is off keeps `list` only: pruning (apply.py prune_children) lists every kind it could ever
-have created, and finds nothing of a kind that is off. */}}
+{{/* Namespaced permissions, from operator/handlers.py, apply.py and kopf. Children are watched
+(a change wakes their owner), applied, replaced when edited by hand (update) and deleted. An
+optional integration that is off keeps `list` and `watch` only: pruning lists every kind it could
+ever have created and finds nothing of a kind that is off. */}}
 {{- define "modelship.namespacedRules" -}}
 # kopf: watch ModelDeployments, keep its finalizer and annotations on them.
 - apiGroups: [modelship.dev]
@@ -74,35 +75,40 @@ have created, and finds nothing of a kind that is off. */}}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Runtime workload and its Service, PodDisruptionBudget and config (render.py, apply.py).
+# Runtime workload and its Service and PodDisruptionBudget (render.py, apply.py).
 - apiGroups: [apps]
   resources: [deployments]
   verbs: {{ include "modelship.writeVerbs" . }}
 - apiGroups: [""]
-  resources: [services, configmaps]
+  resources: [services]
   verbs: {{ include "modelship.writeVerbs" . }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: {{ include "modelship.writeVerbs" . }}
-# Runtime pods are read to tell NodeProvisioning, WeightsLoading and crash loops apart.
+# ReplicaSets say at once why pods cannot be created (ReplicaFailure: a missing ServiceAccount,
+# a PodSecurity or quota rejection).
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [list, watch]
+# Runtime pods are watched to tell NodeProvisioning, WeightsLoading and crash loops apart.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  verbs: [list, watch]
 - apiGroups: [leaderworkerset.x-k8s.io]
   resources: [leaderworkersets]
-  verbs: {{ if .Values.leaderWorkerSet.enabled }}{{ include "modelship.writeVerbs" . }}{{ else }}[list]{{ end }}
+  verbs: {{ if .Values.leaderWorkerSet.enabled }}{{ include "modelship.writeVerbs" . }}{{ else }}[list, watch]{{ end }}
 - apiGroups: [keda.sh]
   resources: [scaledobjects]
-  verbs: {{ if eq .Values.autoscaler "keda" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list]{{ end }}
+  verbs: {{ if eq .Values.autoscaler "keda" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list, watch]{{ end }}
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
-  verbs: {{ if eq .Values.autoscaler "hpa" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list]{{ end }}
+  verbs: {{ if eq .Values.autoscaler "hpa" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list, watch]{{ end }}
 - apiGroups: [monitoring.coreos.com]
   resources: [podmonitors]
-  verbs: {{ if .Values.monitoring.podMonitor }}{{ include "modelship.writeVerbs" . }}{{ else }}[list]{{ end }}
+  verbs: {{ if .Values.monitoring.podMonitor }}{{ include "modelship.writeVerbs" . }}{{ else }}[list, watch]{{ end }}
 {{- end -}}
 
-{{/* Cluster-scoped permissions: kopf's discovery, peering, and Karpenter's pools. */}}
+{{/* Cluster-scoped permissions: kopf's discovery and Karpenter's pools. */}}
 {{- define "modelship.clusterRules" -}}
 # kopf: runtime observation of CRDs and namespaces (kopf's documented RBAC).
 - apiGroups: [apiextensions.k8s.io]
@@ -111,21 +117,16 @@ have created, and finds nothing of a kind that is off. */}}
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
-{{- if not .Values.watchNamespaces }}
-# kopf: leader election between operator replicas (cluster-wide peering).
-- apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings]
-  verbs: [get, list, watch, patch]
-{{- end }}
-# Shared Karpenter pools: created and released per user (apply.py apply_node_pool,
-# release_node_pools); NodeClaims are read to report node provisioning.
+# Shared Karpenter pools: applied as the combination of their users and deleted with the last
+# (apply.py sync_pool), watched so a deleted pool comes back; NodeClaims are watched to report
+# node provisioning.
 - apiGroups: [karpenter.sh]
   resources: [nodepools]
-  verbs: {{ if eq .Values.nodePools.mode "karpenter" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list]{{ end }}
+  verbs: {{ if eq .Values.nodePools.mode "karpenter" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list, watch]{{ end }}
 - apiGroups: [karpenter.sh]
   resources: [nodeclaims]
-  verbs: [list]
+  verbs: [list, watch]
 - apiGroups: [karpenter.k8s.aws]
   resources: [ec2nodeclasses]
-  verbs: {{ if eq .Values.nodePools.mode "karpenter" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list]{{ end }}
+  verbs: {{ if eq .Values.nodePools.mode "karpenter" }}{{ include "modelship.writeVerbs" . }}{{ else }}[list, watch]{{ end }}
 {{- end -}}
