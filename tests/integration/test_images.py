@@ -18,6 +18,7 @@ run rebuilds only the two modelship layers. bench/RESULTS.md has the sizes and b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -336,16 +337,23 @@ def test_operator_image_reconciles_on_the_real_control_plane(
         except AssertionError as error:
             raise AssertionError(f"{error}\noperator log:\n{_tail(log_path)}") from None
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop(process, grace_seconds=30)
             if created:
                 kube.request("DELETE", f"{MD.path(namespace)}/tiny")
     text = log_path.read_text(errors="replace")
     assert "forbidden" not in text.lower(), _tail(log_path)
+
+
+def stop(process: subprocess.Popen[bytes], grace_seconds: float) -> None:
+    """SIGTERM to the `buildah run` session, SIGKILL after the grace period."""
+    with contextlib.suppress(ProcessLookupError):  # it may have exited already
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -400,12 +408,7 @@ def runtime_serving(
                 time.sleep(1)
             yield ServingRuntime(base_url, f"http://127.0.0.1:{metrics_port}/metrics", log_path)
         finally:
-            os.killpg(process.pid, signal.SIGTERM)  # the runtime forwards it to vLLM
-            try:
-                process.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop(process, grace_seconds=90)  # the runtime forwards SIGTERM to vLLM
 
 
 def _answers(url: str) -> bool:
