@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Builds modelship's images locally with Debian's buildah (vfs storage, chroot isolation: no
-# Docker engine, no registry) from a local Debian bookworm base made with mmdebstrap, which
-# stands in for the public python:3.11-slim. tests/integration/test_images.py runs it.
+# Docker engine, no registry) from local Debian bookworm bases made with mmdebstrap, which stand
+# in for the public bases that cannot be pulled here (debian:12-slim / python:3.1x-slim,
+# gcr.io/distroless/python3-debian12, and vllm/vllm-openai through scripts/images/
+# vllm-cpu.Dockerfile). tests/integration/test_images.py runs it; docs/images.md explains it.
 #
 #   scripts/build-images.sh [operator] [runtime-cpu] [sizes]      (default: operator)
 #
 #   operator     operator/Dockerfile          -> localhost/modelship/operator:$MODELSHIP_IMAGE_TAG
 #   runtime-cpu  runtime/Dockerfile on a vLLM CPU stand-in for vllm/vllm-openai
 #                                             -> localhost/modelship/runtime-cpu:$MODELSHIP_IMAGE_TAG
-#   sizes        print each image's size (bytes of its unpacked layers) and name
+#   sizes        print each image's name and size (its unpacked layers)
 #
 # Environment:
-#   MODELSHIP_IMAGE_CACHE  buildah storage, the base's rootfs tarball and pip's cache
+#   MODELSHIP_IMAGE_CACHE  buildah storage and the bases' unpacked trees
 #                          (default ~/.cache/modelship-images; reused across clones and runs)
 #   MODELSHIP_IMAGE_TAG    tag of the built images (default dev)
 #
@@ -29,7 +31,7 @@ done
 
 cache=${MODELSHIP_IMAGE_CACHE:-$HOME/.cache/modelship-images}
 tag=${MODELSHIP_IMAGE_TAG:-dev}
-mkdir -p "$cache/pip"
+mkdir -p "$cache"
 # A storage of its own: no system-wide containers configuration is read or changed.
 buildah=(buildah --storage-driver vfs --root "$cache/storage" --runroot "$cache/run")
 export BUILDAH_ISOLATION=chroot
@@ -121,7 +123,7 @@ with open(sys.argv[1], "w") as conf:
     for key, value in sorted(settings.items()):
         conf.write(f"{key} = {value}\n")
 EOF
-  pip_volumes=(--volume "$cache/pip.conf:/etc/pip.conf:ro" --volume "$cache/pip:/root/.cache/pip")
+  pip_volumes=(--volume "$cache/pip.conf:/etc/pip.conf:ro")
   while read -r line; do
     [ -e "$line" ] && pip_volumes+=(--volume "$line:$line:ro")
   # A local index (file:///x/simple) links to files beside it: mount /x whole.
@@ -162,13 +164,7 @@ build_runtime_cpu() {
 }
 
 print_sizes() {
-  "${buildah[@]}" images --format '{{.Size}} {{.Name}}:{{.Tag}}' | grep modelship
-  local image
-  for image in "localhost/modelship/operator:$tag" "localhost/modelship/runtime-cpu:$tag"; do
-    if have_image "$image"; then
-      echo "$image: $("${buildah[@]}" inspect --type image --format '{{.Docker.Size}}' "$image" 2>/dev/null || true)"
-    fi
-  done
+  "${buildah[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep '^localhost/modelship/'
 }
 
 # vfs keeps a full copy of every layer, and a rebuild leaves the previous image untagged: drop
