@@ -39,7 +39,6 @@ from typing import Any, cast
 
 import kopf
 
-from .activator import Activator
 from .api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, check_name, load_spec
 from .apply import (
     KARPENTER_POOL_LABEL,
@@ -599,7 +598,7 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Load and check the configuration and catalog; configure kopf; serve the activator."""
+    """Load and check the configuration and catalog; configure kopf."""
     config = load_config()
     check_operator_config(config)
     settings.persistence.finalizer = FINALIZER
@@ -626,22 +625,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         node_groups=node_groups,
     )
     memo.state = State()
-    # The activator (operator/activator.py) runs on every replica, leader or not: it keeps no
-    # state, and a standby replica behind the Service answers too.
-    if config.activator_port and not memo.get("activator"):
-        activator = Activator(
-            hold_seconds=config.activator_hold_seconds, pending=METRICS.activator_pending
-        )
-        await activator.start("0.0.0.0", config.activator_port)
-        memo.activator = activator
-
-
-@kopf.on.cleanup()
-async def stop_activator(memo: kopf.Memo, **_: Any) -> None:
-    activator = memo.get("activator")
-    if activator is not None:
-        await activator.stop()
-        memo.activator = None
+    # The activator is not served here: it runs as its own Deployment (`modelship activator`,
+    # helm/modelship/templates/activator.yaml), so a flood of requests cannot starve reconciles.
 
 
 @kopf.on.login()

@@ -37,6 +37,8 @@ step "Prometheus and promtool (Debian packages)"
 bash scripts/install-prometheus.sh
 step "etcd (Debian package) for the test control plane"
 bash scripts/install-kube.sh
+step "buildah and mmdebstrap (Debian packages) for the image tests"
+bash scripts/install-image-tools.sh
 
 # mypy cannot follow setuptools' editable import hook; give it a plain view of the package.
 mkdir -p .dev/modelship
