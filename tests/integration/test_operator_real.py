@@ -574,6 +574,77 @@ def test_the_operator_refuses_to_start_without_a_cluster_name(
     assert "MODELSHIP_CLUSTER_NAME (Helm: nodePools.clusterName)" in result.stderr
 
 
+def put_spec(kube: Kube, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Replace the spec as `kubectl replace` would (strict field validation), retrying while the
+    operator's own writes move the resourceVersion."""
+    for _ in range(10):
+        live = kube.get(MD, ns, name)
+        assert live is not None
+        try:
+            return dict(
+                kube.request(
+                    "PUT",
+                    MD.path(ns, name),
+                    query=[("fieldValidation", "Strict")],
+                    body={**live, "spec": spec},
+                )
+            )
+        except KubeApiError as error:
+            if error.status != 409:
+                raise
+    raise AssertionError(f"{ns}/{name}: conflicts kept coming")
+
+
+def test_the_bad_input_corpus_is_refused_naming_its_field_and_touches_nothing(
+    operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
+) -> None:
+    """tests/unit/bad_inputs.py against the API server and the running operator, as edits of a
+    ModelDeployment that serves: each is refused by the API server (schema, CEL) or reported by
+    the operator, naming its field, and the running workload never changes."""
+    from tests.unit.bad_inputs import BAD_INPUTS, apply_patch, base_manifest
+
+    ns = namespace(installed, "team-corpus")
+    good = base_manifest(f"file://{tiny_model}")
+    good["metadata"]["namespace"] = ns
+    kube.request("POST", MD.path(ns), body=good)
+    md_where(kube, ns, "corpus", lambda md: condition(md, "Planned").get("status") == "True")
+    workload = wait_for("the Deployment", lambda: kube.get(DEPLOYMENT, ns, "corpus"))
+    template = workload["spec"]["template"]
+    refused_by = {"api server": 0, "operator": 0}
+    for entry in BAD_INPUTS:
+        if set(entry.patch) != {"spec"} or entry.stage == "operator":
+            continue  # kind/apiVersion/name are not edits; the file:// policy is off here
+        bad = apply_patch(good, entry.patch)
+        try:
+            updated = put_spec(kube, ns, "corpus", bad["spec"])
+        except KubeApiError as error:
+            assert error.status in (400, 422), (entry.id, str(error))  # 400: unknown field
+            assert entry.field in error.message or entry.field.removeprefix("spec.") in (
+                error.message
+            ), (entry.id, error.message)
+            refused_by["api server"] += 1
+            continue
+        generation = updated["metadata"]["generation"]
+
+        def reported(md: dict[str, Any], generation: int = generation) -> bool:
+            for type_ in ("Validated", "Planned"):
+                found = condition(md, type_)
+                if found.get("observedGeneration") == generation and found["status"] == "False":
+                    return True
+            return False
+
+        md = md_where(kube, ns, "corpus", reported)
+        message = " ".join(
+            condition(md, type_).get("message", "") for type_ in ("Validated", "Planned")
+        )
+        assert entry.field in message, (entry.id, message)
+        assert md["status"]["phase"] == "Degraded", (entry.id, md["status"]["phase"])
+        refused_by["operator"] += 1
+    assert refused_by["api server"] >= 20 and refused_by["operator"] >= 10, refused_by
+    still = kube.get(DEPLOYMENT, ns, "corpus")
+    assert still is not None and still["spec"]["template"] == template
+
+
 def test_the_leader_rides_out_an_api_server_outage(
     operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
 ) -> None:
