@@ -148,6 +148,10 @@ def test_an_operator_without_aws_credentials_is_told_what_to_do(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import boto3
+
+    # boto3's default session keeps the credentials it resolved for earlier tests: start afresh.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     with pytest.raises(ModelInfoError) as error:
         inspect_model(parse_source("s3://models/any/"), endpoint_url=s3_server.endpoint_url)
     message = str(error.value)
