@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def md_object(namespace: str, name: str, replicas_min: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def kubeconfig(modelship_installed: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def kubeconfig(
+    modelship_installed: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     """The activator's own credentials: a token of the chart's activator ServiceAccount."""
     admin = modelship_installed.kube()
     for namespace in ("act-a", "act-b"):
@@ -46,18 +49,20 @@ def kubeconfig(modelship_installed: ControlPlane, tmp_path_factory: pytest.TempP
             "/api/v1/namespaces",
             body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         )
-    for namespace, name, replicas_min in (
-        ("act-a", "sleepy", 0),
-        ("act-a", "busy", 2),
-        ("act-b", "sleepy", 0),
-    ):
+    created = (("act-a", "sleepy", 0), ("act-a", "busy", 2), ("act-b", "sleepy", 0))
+    for namespace, name, replicas_min in created:
         admin.request(
             "POST",
             f"/apis/modelship.dev/v1alpha1/namespaces/{namespace}/modeldeployments",
             body=md_object(namespace, name, replicas_min),
         )
     path = tmp_path_factory.mktemp("activator") / "kubeconfig"
-    return modelship_installed.token_kubeconfig(OPERATOR_NAMESPACE, ACTIVATOR_SERVICE_ACCOUNT, path)
+    yield modelship_installed.token_kubeconfig(OPERATOR_NAMESPACE, ACTIVATOR_SERVICE_ACCOUNT, path)
+    # Other modules' operators share this plane: leave no ModelDeployment of ours for them.
+    for namespace, name, _ in created:
+        admin.request(
+            "DELETE", f"/apis/modelship.dev/v1alpha1/namespaces/{namespace}/modeldeployments/{name}"
+        )
 
 
 @pytest.fixture(scope="module")
