@@ -1085,8 +1085,19 @@ async def run_elected(config: OperatorConfig, health_address: str | None, health
             return
         logger.warning("stopping reconciliation: leadership lost")
         stop_flag.set_result(None)
+        # kopf can wait forever for a handler thread blocked on the unreachable API server. A
+        # replica that neither reconciles nor stands by helps nobody: past the bound, exit and
+        # let the Deployment restart it as a candidate (the Lease is not ours any more anyway).
+        done, _ = await asyncio.wait({running}, timeout=max(10.0, 2 * lease.lease_seconds))
+        if not done:
+            logger.error(
+                "kopf did not stop within %.0fs of losing the Lease; exiting",
+                max(10.0, 2 * lease.lease_seconds),
+            )
+            logging.shutdown()
+            os._exit(1)
         with contextlib.suppress(Exception):
-            await running
+            running.result()
     await asyncio.to_thread(elector.release)
 
 

@@ -48,7 +48,8 @@ pytestmark = pytest.mark.integration
 MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
 REPLICA_SET = Kind("apps/v1", "ReplicaSet", "replicasets", True)
 EVENT = Kind("v1", "Event", "events", True)
-LEASE_SECONDS = 3
+# Short enough for quick takeovers, long enough that a busy API server does not cost the Lease.
+LEASE_SECONDS = 6
 OPERATOR_ENV = {
     "MODELSHIP_CLUSTER_NAME": "test-cluster",
     "MODELSHIP_NODE_ROLE": "KarpenterNodeRole-test",
