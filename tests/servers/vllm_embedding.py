@@ -11,9 +11,6 @@ without modules.json and 1_Pooling/ vLLM falls back to BERT's CLS pooling.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +138,7 @@ def embedding_vllm(
 ) -> Iterator[EmbeddingVllm]:
     """The runtime (fetch from SeaweedFS, verify, launch) serving the tiny embedding model."""
     # Imported here: a plugin module importing another at load time defeats assert rewriting.
-    from tests.servers.vllm_server import _wait_ready
+    from tests.servers.vllm_server import running_runtime
 
     workdir = tmp_path_factory.mktemp("embedding-vllm")
     source_dir = build_mean_pooling_model(workdir / "source")
@@ -166,21 +163,7 @@ def embedding_vllm(
         predicted_kv_cache_tokens=1024,
         ready_timeout_seconds=READY_TIMEOUT_SECONDS,
     )
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "auto",
-    }
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_ready(process, status_path, log_path)
+    with running_runtime(command, s3_server, status_path, log_path):
         yield EmbeddingVllm(
             base_url=f"http://127.0.0.1:{port}",
             served_model_name=SERVED_MODEL_NAME,
@@ -188,11 +171,3 @@ def embedding_vllm(
             model_dir=model_dir,
             log_path=log_path,
         )
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()

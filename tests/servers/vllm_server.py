@@ -8,6 +8,7 @@ so the readiness timeout is generous and the server is shared by every test that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,6 +66,38 @@ def _wait_ready(process: subprocess.Popen[bytes], status_path: Path, log_path: P
     raise RuntimeError(f"runtime not ready within {READY_TIMEOUT_SECONDS:.0f} s:\n{tail}")
 
 
+@contextlib.contextmanager
+def running_runtime(
+    command: list[str], s3_server: Any, status_path: Path, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The runtime command (`local_command`) running against the test S3 server with vLLM's
+    CPU settings, ready on entry, stopped (SIGTERM, which it forwards to vLLM) on exit."""
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "auto",
+    }
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_ready(process, status_path, log_path)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the runtime forwards it to vLLM
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
 @pytest.fixture(scope="session")
 def runtime_vllm(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeVllm]:
     """Start the runtime (and through it vLLM) once; stop both at the end of the session."""
@@ -91,21 +124,7 @@ def runtime_vllm(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> It
         predicted_kv_cache_tokens=PREDICTED_KV_CACHE_TOKENS,
         ready_timeout_seconds=READY_TIMEOUT_SECONDS,
     )
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "auto",
-    }
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_ready(process, status_path, log_path)
+    with running_runtime(command, s3_server, status_path, log_path):
         yield RuntimeVllm(
             base_url=f"http://127.0.0.1:{port}",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
@@ -115,11 +134,3 @@ def runtime_vllm(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> It
             model_dir=model_dir,
             source_dir=source_dir,
         )
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # the runtime forwards it to vLLM
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
