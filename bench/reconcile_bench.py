@@ -199,6 +199,25 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p * (len(values) - 1)))] if values else float("nan")
 
 
+def open_sockets(pid: int) -> int:
+    """Sockets the process holds open now (its connections to the API server and S3)."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return 0
+    return sum(link.startswith("socket:") for link in links)
+
+
+def plane_cpu(plane: ControlPlane) -> dict[str, float]:
+    """CPU seconds used so far by each control-plane process (etcd, API server, controllers):
+    what an operator's requests cost the cluster, beside what they cost the operator."""
+    return {
+        name: proc_figures(process.pid)["cpu_seconds"]
+        for name, process in plane.processes.items()
+        if process.poll() is None
+    }
+
+
 def run_round(
     plane: ControlPlane,
     audit: Audit,
@@ -235,16 +254,41 @@ def run_round(
     result: dict[str, Any] = {"operator": which, "size": size}
     try:
         time.sleep(2)  # watch streams established
+        profiler = (
+            subprocess.Popen(
+                [
+                    args.py_spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "50",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(work / f"{which}-{size}.profile"),
+                    "--threads",
+                    "--idle",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if args.py_spy
+            else None
+        )
         before = proc_figures(pid)
+        plane_before = plane_cpu(plane)
         result["rss_start_mib"] = before["rss_mib"]
         wall_start, started = time.time(), time.monotonic()
         created = create_all(kube, namespace, size, uri, noop=which == "noop")
         result["create_seconds"] = round(max(created.values()) - started, 2)
         seen: dict[str, float] = {}
+        peak_fds = 0
         deadline = started + args.timeout_seconds
         next_report = started + 30
         while len(seen) < size and time.monotonic() < deadline:
             now = time.monotonic()
+            peak_fds = max(peak_fds, open_sockets(pid))
             if now > next_report:
                 print(f"  {which} {size}: {len(seen)} after {now - started:.0f}s", flush=True)
                 next_report += 30
@@ -270,10 +314,18 @@ def run_round(
             # 0.5 s poll served ~20 MB/s of lists and slowed the operator under test.
             time.sleep(max(0.5, size / 250))
         wall_end = time.time()
+        if profiler is not None:
+            profiler.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+            profiler.wait(timeout=60)
         latencies = sorted(seen[name] - created[name] for name in seen)
         finished = max(seen.values()) if seen else time.monotonic()
         during = audit.events(USERS[which], wall_start, wall_end)
         figures = proc_figures(pid)
+        plane_after = plane_cpu(plane)
+        result["peak_open_sockets"] = peak_fds
+        result["control_plane_cpu_seconds"] = {
+            name: round(plane_after[name] - plane_before.get(name, 0.0), 1) for name in plane_after
+        }
         result.update(
             {
                 "reconciled": len(seen),
@@ -335,6 +387,9 @@ def main() -> int:
     parser.add_argument("--timeout-seconds", type=float, default=600.0)
     parser.add_argument(
         "--resync-seconds", default="", help="MODELSHIP_RESYNC_SECONDS (default: the operator's)"
+    )
+    parser.add_argument(
+        "--py-spy", default="", help="path of py-spy: record the operator's stacks while it works"
     )
     parser.add_argument("--work", default="", help="folder for logs (default: a temporary one)")
     args = parser.parse_args()

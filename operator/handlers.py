@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import json
 import logging
@@ -79,6 +80,7 @@ from .render import (
 from .sizing import make_plan
 from .source import S3Source
 from .status import Failure, ReconcileFacts, StatusUpdate, build_status
+from .workqueue import WorkQueue
 
 FINALIZER = "modelship.dev/finalizer"
 LAST_GOOD = "modelship.dev/last-good"
@@ -87,6 +89,10 @@ RESYNC_SECONDS = load_config().resync_seconds
 RETRY_SECONDS = 10
 MAX_RETRY_SECONDS = 300
 MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECTIONS matches)
+# Watch events ask for status refreshes through a queue (workqueue.py): each key waits this long,
+# folding the burst of events a new or changing ModelDeployment brings into one refresh.
+REFRESH_DELAY_SECONDS = 1.0
+REFRESH_WORKERS = 8
 RESOURCE = (GROUP, VERSION, PLURAL)
 MD_KIND = Kind(f"{GROUP}/{VERSION}", "ModelDeployment", PLURAL, True)
 CHILD_RESOURCES: tuple[tuple[str, ...], ...] = (
@@ -143,6 +149,10 @@ class State:
     dirty: set[Key] = field(default_factory=set)
     shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
+    # Refreshes asked for by watch events, and kopf's indexes they read (the same live objects
+    # in every handler's kwargs).
+    queue: WorkQueue | None = None
+    indexes: Mapping[str, Any] = field(default_factory=dict)
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -530,6 +540,13 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
             lock.release()
 
 
+def wake(state: State, key: Key, indexes: Mapping[str, Any]) -> None:
+    """Ask for a refresh of `key` soon (see REFRESH_DELAY_SECONDS); never waits."""
+    state.indexes = indexes
+    if state.queue is not None:
+        state.queue.add(key)
+
+
 @contextlib.contextmanager
 def holding(context: Context, state: State, key: Key, indexes: Mapping[str, Any]) -> Iterator[None]:
     """A ModelDeployment's lock; on release, the refreshes that found it held run."""
@@ -624,15 +641,56 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         kube=Kube.from_environment(),
         node_groups=node_groups,
     )
-    memo.state = State()
+    state = memo.state = State()
+    context = memo.context
+    state.queue = WorkQueue(
+        lambda key: refresh(context, state, cast(Key, key), state.indexes),
+        delay=REFRESH_DELAY_SECONDS,
+        workers=REFRESH_WORKERS,
+        context=contextvars.copy_context(),  # kopf.event() needs kopf's context variables
+    )
     # The activator is not served here: it runs as its own Deployment (`modelship activator`,
     # helm/modelship/templates/activator.yaml), so a flood of requests cannot starve reconciles.
 
 
+# kopf's own HTTP session has no connection limit: with 1000 ModelDeployments created at once it
+# opened ~1050 TLS connections to the API server (one per concurrent patch and Event), each with
+# its 128 KiB asyncio TLS buffer plus OpenSSL's own state, and held them: ~600 MiB of the
+# operator's RSS. Its watches (one per watched kind, ~16) keep a connection each for as long as
+# they stream, so the limit leaves room for all of them and as many requests as kopf has workers.
+KOPF_CONNECTIONS = 64
+
+
+@kopf.on.cleanup()
+async def stop_refreshing(memo: kopf.Memo, **_: Any) -> None:
+    """kopf stops (SIGTERM, or the Lease was lost): its refresh threads stop with it."""
+    state: State | None = getattr(memo, "state", None)
+    if state is not None and state.queue is not None:
+        state.queue.close()
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """The pod's service account in a cluster, else $KUBECONFIG (read now, not at import)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """The pod's service account in a cluster, else $KUBECONFIG (read now, not at import),
+    through a session whose connection pool is bounded (KOPF_CONNECTIONS)."""
+    import aiohttp
+
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is None:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        priority=info.priority,
+        aiohttp_session=session,
+    )
 
 
 # ---- reconcile --------------------------------------------------------------------------------
@@ -833,7 +891,7 @@ def resync(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
 # ---- watches of children, pods, node claims and pools -----------------------------------------
 
 
-def child_changed(
+async def child_changed(
     event: kopf.RawEvent,
     body: kopf.Body,
     namespace: str | None,
@@ -841,7 +899,8 @@ def child_changed(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    """A child changed or went: restore it if it drifted from its render; refresh status."""
+    """A child changed or went: restore it if it drifted from its render; refresh status.
+    Runs on kopf's event loop (no thread per watch event); only a restore goes to a thread."""
     context: Context = memo.context
     state: State = memo.state
     key = (namespace or "", labels[MD_LABEL])
@@ -861,19 +920,35 @@ def child_changed(
             rendered = rendered_for(context, state, md, last)
             wanted = next((c for c in rendered.children if object_key(c) == object_key(body)), None)
             if wanted is not None and (deleted or _drifted(body, wanted)):
-                with state.lock(key):
-                    try:
-                        _, why = apply_child(context.kube, wanted)
-                        reason = "deleted" if deleted else (why or "changed by hand")
-                        kopf.event(
-                            _as_body(md),
-                            type="Normal",
-                            reason="ChildRestored",
-                            message=f"{kind[1]} {namespace}/{body['metadata']['name']} restored ({reason})",
-                        )
-                    except KubeApiError as error:
-                        logger.warning("could not restore a child of %s/%s: %s", *key, error)
-    refresh(context, state, key, indexes)
+                await asyncio.to_thread(
+                    restore_child, context, state, key, md, body, wanted, deleted
+                )
+    wake(state, key, indexes)
+
+
+def restore_child(
+    context: Context,
+    state: State,
+    key: Key,
+    md: Mapping[str, Any],
+    live: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    deleted: bool,
+) -> None:
+    """Apply a drifted or deleted child again, and say so in an Event."""
+    with state.lock(key):
+        try:
+            _, why = apply_child(context.kube, wanted)
+        except KubeApiError as error:
+            logger.warning("could not restore a child of %s/%s: %s", *key, error)
+            return
+    reason = "deleted" if deleted else (why or "changed by hand")
+    kopf.event(
+        _as_body(md),
+        type="Normal",
+        reason="ChildRestored",
+        message=f"{live.get('kind')} {key[0]}/{live['metadata']['name']} restored ({reason})",
+    )
 
 
 def _drifted(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -891,17 +966,17 @@ for _resource in CHILD_RESOURCES:
 
 
 @kopf.on.event(*RESOURCE)
-def model_deployment_changed(
+async def model_deployment_changed(
     event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     """The ModelDeployment itself changed (its last good plan, or status another handler
     wrote before the watches caught up): recompute status; nothing is written if it holds."""
     if event.get("type") is not None:
-        refresh(memo.context, memo.state, (namespace or "", name), _indexes(kwargs))
+        wake(memo.state, (namespace or "", name), _indexes(kwargs))
 
 
 @kopf.on.event("replicasets.apps", labels={MD_LABEL: kopf.PRESENT})
-def replica_set_changed(
+async def replica_set_changed(
     event: kopf.RawEvent,
     body: kopf.Body,
     namespace: str | None,
@@ -927,20 +1002,20 @@ def replica_set_changed(
         failures[name] = str(condition.get("message") or condition.get("reason"))
     else:
         failures.pop(name, None)
-    refresh(memo.context, state, key, _indexes(kwargs))
+    wake(state, key, _indexes(kwargs))
 
 
 @kopf.on.event("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
-def pod_changed(
+async def pod_changed(
     event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     """A runtime pod changed: its ModelDeployment's phase may have moved."""
     if event.get("type") is not None:
-        refresh(memo.context, memo.state, (namespace or "", labels[MD_LABEL]), _indexes(kwargs))
+        wake(memo.state, (namespace or "", labels[MD_LABEL]), _indexes(kwargs))
 
 
 @kopf.on.event("nodeclaims.karpenter.sh", labels={KARPENTER_POOL_LABEL: kopf.PRESENT})
-def node_claim_changed(
+async def node_claim_changed(
     event: kopf.RawEvent, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     """A node of a pool is being made or became ready: refresh the pool's users."""
@@ -949,7 +1024,7 @@ def node_claim_changed(
     indexes = _indexes(kwargs)
     for item in _index_list(indexes["pool_users"], labels[KARPENTER_POOL_LABEL]):
         namespace, _, name = str(item["user"]).partition("/")
-        refresh(memo.context, memo.state, (namespace, name), indexes)
+        wake(memo.state, (namespace, name), indexes)
 
 
 def pool_changed(
@@ -1101,6 +1176,43 @@ async def run_elected(config: OperatorConfig, health_address: str | None, health
     await asyncio.to_thread(elector.release)
 
 
+EVENT_HANDLERS = tuple(
+    getattr(handler, "__name__", "")
+    for handler in (
+        child_changed,
+        model_deployment_changed,
+        replica_set_changed,
+        pod_changed,
+        node_claim_changed,
+        pool_changed,
+    )
+)
+
+
+class _Routine(logging.Filter):
+    """Drops the lines that say nothing happened: kopf's "Handler 'x' succeeded." for the event
+    handlers that wake owners (one per watch event of every child and pod: ~17 lines per new
+    ModelDeployment, most of the log and a share of the event loop's CPU), and the probes'
+    /healthz access lines. What the change handlers did, every warning and error stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.name == "aiohttp.access":
+            return "/healthz" not in record.getMessage()
+        return not (
+            record.levelno <= logging.INFO
+            and message.startswith("Handler '")
+            and message.endswith("succeeded.")
+            and any(f"'{name}'" in message for name in EVENT_HANDLERS)
+        )
+
+
+def quiet_routine_logs() -> None:
+    routine = _Routine()
+    for name in ("kopf.objects", "aiohttp.access"):
+        logging.getLogger(name).addFilter(routine)
+
+
 def run_operator(argv: list[str] | None = None) -> int:
     """`modelship operator`: elect a leader, run kopf on it, serve /metrics and /healthz."""
     parser = argparse.ArgumentParser(prog="modelship operator")
@@ -1116,6 +1228,8 @@ def run_operator(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         parser.exit(2, f"modelship operator: {error}\n")
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        quiet_routine_logs()
     if args.metrics_port:
         METRICS.serve(args.metrics_port)
     asyncio.run(run_elected(config, None, args.health_port))

@@ -6,7 +6,7 @@ user previews is what the cluster gets. Objects, in apply order:
     node pool (cluster-scoped, shared, no owner)   Karpenter EC2NodeClass + NodePool
     runtime workload                               Deployment (1 node) | LeaderWorkerSet (>1 node)
     Service                                        http://<name>.<namespace>.svc.cluster.local:8000/v1
-    PodDisruptionBudget
+    PodDisruptionBudget (when there can be more than one replica)
     autoscaler (when replicas can change)          KEDA ScaledObject | HorizontalPodAutoscaler
     PodMonitor (when config.pod_monitor)
 
@@ -832,7 +832,11 @@ def render(md: ModelDeploymentRef, placement: Placement, config: OperatorConfig)
             "activator to wake the model on a request, and MODELSHIP_ACTIVATOR_URL is not set: "
             "install with the Helm chart (it sets it) or set spec.replicas.min to 1."
         )
-    children = [workload, _service(md, placement), _pod_disruption_budget(md, placement)]
+    children = [workload, _service(md, placement)]
+    if replica_bounds(md)[1] > 1:
+        # With one replica at most, the budget would allow disrupting it anyway: an object that
+        # changes nothing, yet costs an apply on every reconcile and a watch event per status.
+        children.append(_pod_disruption_budget(md, placement))
     if autoscaled(md):
         if config.autoscaler == "keda":
             children.append(_scaled_object(md, placement, config))

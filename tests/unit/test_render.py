@@ -443,7 +443,7 @@ def test_ownership_labels_and_generation_on_every_child(rendered: dict[str, Rend
 def test_single_node_gpu_deployment(rendered: dict[str, Rendered]) -> None:
     result = rendered["gpu-s3-karpenter-fixed"]
     assert kinds(result.node_pool_objects) == ["EC2NodeClass", "NodePool"]
-    assert kinds(result.children) == ["Deployment", "Service", "PodDisruptionBudget", "PodMonitor"]
+    assert kinds(result.children) == ["Deployment", "Service", "PodMonitor"]
     deployment = result.children[0]
     assert deployment["metadata"]["name"] == "llama-3-8b"
     assert deployment["spec"]["replicas"] == 1
@@ -847,8 +847,8 @@ def test_fixed_replicas_render_no_autoscaler(rendered: dict[str, Rendered]) -> N
             }
         },
     }
-    single = by_kind(rendered["gpu-s3-karpenter-fixed"].children, "PodDisruptionBudget")
-    assert single["spec"]["maxUnavailable"] == 1
+    # At most one replica: a budget would allow its disruption anyway, so there is none.
+    assert "PodDisruptionBudget" not in kinds(rendered["gpu-s3-karpenter-fixed"].children)
 
 
 def test_keda_scaled_object(rendered: dict[str, Rendered]) -> None:

@@ -190,9 +190,19 @@ def test_last_transition_time_kept_while_status_unchanged(placement: Placement) 
     third = build_status(facts(placement, pod(ready=True), workload=ready), second.status, later)
     assert conditions(third.status)["Available"]["lastTransitionTime"] == "2025-06-01T12:05:00Z"
     assert conditions(third.status)["Planned"]["lastTransitionTime"] == "2025-06-01T12:00:00Z"
-    reasons = {e.reason: e.type for e in third.events}
-    assert reasons["ReplicasReady"] == "Normal"
-    assert reasons["PhaseReady"] == "Normal"
+    # One Event per transition: Available=True restates the phase, so only PhaseReady is posted.
+    assert [(e.reason, e.type) for e in third.events] == [("PhaseReady", "Normal")]
+
+
+def test_a_new_model_deployment_posts_its_placement_and_phase_only(placement: Placement) -> None:
+    """Validated=True and Degraded=False are the normal state from the start, and Available=False
+    says what the phase says: each would be one more write to the API server per new object."""
+    update = build_status(facts(placement, workload=None), None, NOW)
+    assert [e.reason for e in update.events] == [
+        "PlacementChosen",
+        f"Phase{update.status['phase']}",
+    ]
+    assert all(e.type == "Normal" for e in update.events)
 
 
 def test_losing_availability_is_a_warning(placement: Placement) -> None:

@@ -1,0 +1,111 @@
+"""A delaying, de-duplicating work queue: the status refreshes that watch events ask for.
+
+A new ModelDeployment brings a burst of watch events (its Deployment, ReplicaSet, pod, Service and
+PodMonitor each change several times within a second or two), and every one of them asks for
+its owner's status to be recomputed. Run at once, each recomputation could find a short-lived
+state ("waiting for the scheduler") and write it, only for the next event to write the state
+after it: under load, ~3.7 status writes and their Events per new ModelDeployment. Like
+controller-runtime's rate-limited queue, this one holds a key for `delay` seconds from the first
+request, folds every request meanwhile into that one, and then runs it on one of a few threads
+of its own, so kopf's handler threads never wait on it. A key is never run twice at once; one
+asked for while it runs is run again after it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+logger = logging.getLogger("modelship.operator")
+
+
+class WorkQueue:
+    def __init__(
+        self,
+        run: Callable[[Hashable], None],
+        delay: float,
+        workers: int,
+        context: contextvars.Context | None = None,
+    ) -> None:
+        """`context`: the context variables each run sees (kopf's Events need its settings and
+        event queue, which kopf sets in its own tasks and handler threads only)."""
+        self._run = run
+        self._context = context
+        self._delay = delay
+        self._due: list[tuple[float, int, Hashable]] = []  # heap of (when, order, key)
+        self._waiting: set[Hashable] = set()  # keys in the heap
+        self._running: set[Hashable] = set()
+        self._again: set[Hashable] = set()  # asked for while running
+        self._order = 0
+        self._closed = False
+        self._condition = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"refresh-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def add(self, key: Hashable) -> None:
+        """Run `key` once, `delay` seconds from now, however often it is asked for meanwhile."""
+        with self._condition:
+            if self._closed:
+                return
+            if key in self._running:
+                self._again.add(key)
+            elif key not in self._waiting:
+                self._push(key)
+
+    def _push(self, key: Hashable) -> None:
+        self._order += 1
+        heapq.heappush(self._due, (time.monotonic() + self._delay, self._order, key))
+        self._waiting.add(key)
+        self._condition.notify()
+
+    def idle(self) -> bool:
+        """Nothing waiting or running (for tests and shutdown)."""
+        with self._condition:
+            return not self._due and not self._running
+
+    def close(self) -> None:
+        """Stop taking work; the threads end after what they are running."""
+        with self._condition:
+            self._closed = True
+            self._due.clear()
+            self._waiting.clear()
+            self._condition.notify_all()
+
+    def _next(self) -> Hashable | None:
+        with self._condition:
+            while not self._closed:
+                if self._due:
+                    wait = self._due[0][0] - time.monotonic()
+                    if wait <= 0:
+                        _, _, key = heapq.heappop(self._due)
+                        self._waiting.discard(key)
+                        self._running.add(key)
+                        return key
+                    self._condition.wait(wait)
+                else:
+                    self._condition.wait()
+            return None
+
+    def _work(self) -> None:
+        while (key := self._next()) is not None:
+            try:
+                if self._context is not None:
+                    self._context.copy().run(self._run, key)
+                else:
+                    self._run(key)
+            except Exception:  # a refresh logs its own API errors; anything else is a bug
+                logger.exception("refresh of %s failed", key)
+            finally:
+                with self._condition:
+                    self._running.discard(key)
+                    if key in self._again and not self._closed:
+                        self._again.discard(key)
+                        self._push(key)

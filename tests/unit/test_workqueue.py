@@ -1,0 +1,115 @@
+"""The refresh queue: requests for a key within its delay fold into one run; a key never runs
+twice at once; one asked for while running runs again afterwards."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+
+from modelship.operator.workqueue import WorkQueue
+
+
+def wait_idle(queue: WorkQueue, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not queue.idle():
+        assert time.monotonic() < deadline, "the queue did not drain"
+        time.sleep(0.01)
+
+
+def test_requests_within_the_delay_fold_into_one_run() -> None:
+    runs: list[Hashable] = []
+    queue = WorkQueue(runs.append, delay=0.2, workers=2)
+    try:
+        started = time.monotonic()
+        for _ in range(50):
+            queue.add("a")
+        queue.add("b")
+        assert runs == []  # nothing before the delay
+        wait_idle(queue)
+        assert sorted(runs) == ["a", "b"]
+        assert time.monotonic() - started >= 0.2
+    finally:
+        queue.close()
+
+
+def test_a_key_asked_for_while_running_runs_again_after_and_never_twice_at_once() -> None:
+    running = threading.Event()
+    release = threading.Event()
+    active: list[int] = [0]
+    overlaps: list[int] = []
+    runs: list[Hashable] = []
+
+    def run(key: Hashable) -> None:
+        active[0] += 1
+        overlaps.append(active[0])
+        runs.append(key)
+        running.set()
+        release.wait(5)
+        active[0] -= 1
+
+    queue = WorkQueue(run, delay=0.01, workers=4)
+    try:
+        queue.add("a")
+        assert running.wait(5)
+        queue.add("a")  # while it runs: once more afterwards, not now
+        queue.add("a")
+        time.sleep(0.1)
+        assert runs == ["a"]
+        release.set()
+        wait_idle(queue)
+        assert runs == ["a", "a"]
+        assert max(overlaps) == 1
+    finally:
+        queue.close()
+
+
+def test_a_failing_run_does_not_stop_the_queue() -> None:
+    runs: list[Hashable] = []
+
+    def run(key: Hashable) -> None:
+        runs.append(key)
+        if key == "bad":
+            raise RuntimeError("boom")
+
+    queue = WorkQueue(run, delay=0.0, workers=1)
+    try:
+        queue.add("bad")
+        wait_idle(queue)
+        queue.add("good")
+        wait_idle(queue)
+        assert runs == ["bad", "good"]
+    finally:
+        queue.close()
+
+
+def test_closed_queue_takes_no_work() -> None:
+    runs: list[Hashable] = []
+    queue = WorkQueue(runs.append, delay=0.0, workers=1)
+    queue.close()
+    queue.add("a")
+    time.sleep(0.05)
+    assert runs == [] and queue.idle()
+
+
+def test_runs_see_the_context_variables_of_the_creator() -> None:
+    """kopf.event() reads kopf's settings from a context variable: the refresh threads must see
+    the ones kopf set where the queue was made."""
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+    var.set("kopf's settings")
+    seen: list[str] = []
+    queue = WorkQueue(
+        lambda key: seen.append(var.get("missing")),
+        delay=0.0,
+        workers=2,
+        context=contextvars.copy_context(),
+    )
+    try:
+        queue.add("a")
+        queue.add("b")
+        wait_idle(queue)
+        assert seen == ["kopf's settings"] * 2
+    finally:
+        queue.close()
