@@ -106,8 +106,9 @@ _KINDS = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, *POOL_KINDS, POD, N
 # changes are serialized. One lock suffices: only the elected operator replica reconciles, and
 # a pool change is a handful of API calls.
 _POOL_LOCK = threading.RLock()
-# HTTP connections to the API server: one per kopf handler thread (handlers.py MAX_WORKERS).
-CONNECTIONS = 32
+# HTTP connections to the API server: one per thread that makes requests (handlers.py: kopf's
+# MAX_WORKERS handler threads and REFRESH_WORKERS refresh threads).
+CONNECTIONS = 40
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:
@@ -141,6 +142,13 @@ class Kube:
     def __init__(self, api_client: Any, timeout_seconds: float = 30) -> None:
         self.api_client = api_client
         self.timeout_seconds = timeout_seconds
+        self._halted = threading.Event()
+
+    def halt(self) -> None:
+        """Refuse every later request at once. A replica that lost its Lease halts its client so
+        that a handler thread finishes within one request timeout, not one per request it
+        still had to make: kopf waits for handler threads before it stops."""
+        self._halted.set()
 
     @classmethod
     def from_environment(cls, timeout_seconds: float = 30) -> Kube:
@@ -183,6 +191,8 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         what = f"{method} {path}"
+        if self._halted.is_set():
+            raise KubeApiError(0, "Halted", "this replica is not the leader any more", what)
         try:
             response = self.api_client.call_api(*params, _request_timeout=self.timeout_seconds)
             data = response.read()

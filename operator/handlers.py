@@ -92,6 +92,10 @@ MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECT
 # Watch events ask for status refreshes through a queue (workqueue.py): each key waits this long,
 # folding the burst of events a new or changing ModelDeployment brings into one refresh.
 REFRESH_DELAY_SECONDS = 1.0
+KUBE_TIMEOUT_SECONDS = 30.0  # one API request, at most (apply.Kube)
+# The reconciling clients of the running kopf (made at its start-up), halted when the Lease is
+# lost (see run_elected).
+_RECONCILING: list[Kube] = []
 REFRESH_WORKERS = 8
 RESOURCE = (GROUP, VERSION, PLURAL)
 MD_KIND = Kind(f"{GROUP}/{VERSION}", "ModelDeployment", PLURAL, True)
@@ -635,10 +639,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # A deleted ModelDeployment waits for its timer to stop: check every second, not every 60.
     settings.background.cancellation_polling = 1
     node_groups = NodeGroups(config) if config.node_pool_mode == "eks-nodegroup" else None
+    kube = Kube.from_environment(timeout_seconds=KUBE_TIMEOUT_SECONDS)
+    _RECONCILING.append(kube)
     memo.context = Context(
         config=config,
         catalog=load_catalog(config.catalog_path),
-        kube=Kube.from_environment(),
+        kube=kube,
         node_groups=node_groups,
     )
     state = memo.state = State()
@@ -1160,15 +1166,17 @@ async def run_elected(config: OperatorConfig, health_address: str | None, health
             return
         logger.warning("stopping reconciliation: leadership lost")
         stop_flag.set_result(None)
-        # kopf can wait forever for a handler thread blocked on the unreachable API server. A
-        # replica that neither reconciles nor stands by helps nobody: past the bound, exit and
+        # kopf waits for its handler threads before it stops, and one may be blocked on an
+        # unreachable API server. Halting their client bounds that to the request in flight
+        # (its timeout); the refresh threads stop with kopf's cleanup.
+        while _RECONCILING:
+            _RECONCILING.pop().halt()
+        # A replica that neither reconciles nor stands by helps nobody: past the bound, exit and
         # let the Deployment restart it as a candidate (the Lease is not ours any more anyway).
-        done, _ = await asyncio.wait({running}, timeout=max(10.0, 2 * lease.lease_seconds))
+        bound = KUBE_TIMEOUT_SECONDS + max(10.0, 2 * lease.lease_seconds)
+        done, _ = await asyncio.wait({running}, timeout=bound)
         if not done:
-            logger.error(
-                "kopf did not stop within %.0fs of losing the Lease; exiting",
-                max(10.0, 2 * lease.lease_seconds),
-            )
+            logger.error("kopf did not stop within %.0fs of losing the Lease; exiting", bound)
             logging.shutdown()
             os._exit(1)
         with contextlib.suppress(Exception):
