@@ -47,6 +47,7 @@ from .modelinfo import (
     model_info_from_config,
     model_info_from_known_model,
 )
+from .nodepool import EFA_LABEL, placement_pool_name
 from .plan import STATE_KINDS, ModelInfo, Placement, Plan
 from .render import RenderError
 from .source import SourceError, VolumeSource
@@ -330,6 +331,13 @@ def format_plan(plan: Plan) -> str:
             f"ready in about {chosen.estimated_ready_seconds // 60 + 1} min after the node",
             f"          vllm serve {' '.join(chosen.engine_args)}",
         ]
+        if chosen.efa_interfaces:
+            pool = placement_pool_name(chosen)
+            out.append(
+                f"          nodes: EFA pool {pool} ({EFA_LABEL}=true), {chosen.efa_interfaces} "
+                "EFA interfaces a node: Karpenter attaches them; eks-nodegroup mode launches the "
+                f"group from launch template {pool} in cluster placement group {pool}, one zone"
+            )
         out += [f"Note      {note}" for note in chosen.notes]
     else:
         out += ["", "Chosen    nothing fits. What would:"]

@@ -537,6 +537,23 @@ def test_plan_shows_the_efa_request_and_the_neuron_compile_step(
     assert code == 0
     assert "Chosen    g6.12xlarge: 2 x 4 x NVIDIA L4, TP 4, PP 2" in out
     assert "vpc.amazonaws.com/efa: 1" in out
+    assert "launch template modelship-g6-12xlarge-od-efa in cluster placement group" in out
+    # eks-nodegroup mode: the node group request carries the EFA interfaces and label.
+    code, out, _ = run(
+        capsys,
+        "render",
+        "--model",
+        str(directory),
+        "--params",
+        "70.6B",
+        "--max-model-len",
+        "8192",
+        "--node-pool-mode",
+        "eks-nodegroup",
+    )
+    assert code == 0
+    assert "#   name: modelship-g6-12xlarge-od-efa" in out
+    assert "#   efa_interfaces: 1" in out and "#     modelship.dev/efa: 'true'" in out
     code, out, _ = run(
         capsys,
         "plan",
