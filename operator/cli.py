@@ -47,7 +47,8 @@ from .modelinfo import (
     model_info_from_config,
     model_info_from_known_model,
 )
-from .plan import ModelInfo, Placement, Plan
+from .nodepool import EFA_LABEL, placement_pool_name
+from .plan import STATE_KINDS, ModelInfo, Placement, Plan
 from .render import RenderError
 from .source import SourceError, VolumeSource
 
@@ -278,12 +279,17 @@ def _accelerators(placement: Placement) -> str:
 
 
 def _hybrid_layers(model: ModelInfo) -> str:
-    """', 4 attention + 28 mamba layers' for models whose layers are not all attention."""
+    """', 4 attention + 28 mamba layers' for models whose layers are not all attention (Falcon-H1:
+    ', 36 attention_mamba layers'; Nemotron-H: ', 4 attention + 24 mamba + 24 mlp layers')."""
     kinds = model.layer_kinds()
-    recurrent = [kind for kind in kinds if kind in ("mamba", "linear_attention")]
-    if not recurrent:
+    if not any(kind in STATE_KINDS for kind in kinds):
         return ""
-    return f", {len(kinds) - len(recurrent)} attention + {len(recurrent)} {recurrent[0]} layers"
+    attention = sum(kind in ("full_attention", "sliding_attention") for kind in kinds)
+    counts = [f"{attention} attention"] if attention else []
+    for kind in ("attention_mamba", "mamba", "linear_attention", "mlp"):
+        if kind in kinds:
+            counts.append(f"{kinds.count(kind)} {kind}")
+    return f", {' + '.join(counts)} layers"
 
 
 def format_plan(plan: Plan) -> str:
@@ -325,6 +331,13 @@ def format_plan(plan: Plan) -> str:
             f"ready in about {chosen.estimated_ready_seconds // 60 + 1} min after the node",
             f"          vllm serve {' '.join(chosen.engine_args)}",
         ]
+        if chosen.efa_interfaces:
+            pool = placement_pool_name(chosen)
+            out.append(
+                f"          nodes: EFA pool {pool} ({EFA_LABEL}=true), {chosen.efa_interfaces} "
+                "EFA interfaces a node: Karpenter attaches them; eks-nodegroup mode launches the "
+                f"group from launch template {pool} in cluster placement group {pool}, one zone"
+            )
         out += [f"Note      {note}" for note in chosen.notes]
     else:
         out += ["", "Chosen    nothing fits. What would:"]

@@ -48,6 +48,12 @@ class OperatorConfig(BaseModel):
     subnet_ids: tuple[str, ...] = Field(
         (), description="Subnets for EKS managed node groups (eks-nodegroup mode)."
     )
+    efa_security_group_ids: tuple[str, ...] = Field(
+        (),
+        description="Security groups of the EFA interfaces of multi-node node groups "
+        "(eks-nodegroup mode); empty: the EKS cluster security group. One must allow all traffic "
+        "to and from itself (EFA's requirement).",
+    )
     node_class_name: str = Field(
         "", description="Use this existing EC2NodeClass instead of rendering one per pool."
     )
@@ -135,6 +141,7 @@ _HELM_VALUES = {
     "cluster_name": "nodePools.clusterName",
     "node_role": "nodePools.nodeRole",
     "subnet_ids": "nodePools.subnetIds",
+    "efa_security_group_ids": "nodePools.efaSecurityGroupIds",
 }
 
 
@@ -162,7 +169,7 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-_LIST_FIELDS = {"subnet_ids", "namespaces"}
+_LIST_FIELDS = {"subnet_ids", "efa_security_group_ids", "namespaces"}
 
 
 def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .api import Architecture
 from .packagerules import TOKENIZER_RULE, find_tokenizer
-from .plan import CheckpointQuantization, LayerKind, ModelInfo, WeightDtype
+from .plan import (
+    STATE_KINDS,
+    CheckpointQuantization,
+    LayerKind,
+    ModelInfo,
+    RecurrentMixer,
+    WeightDtype,
+)
 from .source import LocalSource, ModelSource, S3Source, VolumeSource
 
 if TYPE_CHECKING:
@@ -482,18 +489,43 @@ _LAYER_KINDS: dict[str, LayerKind] = {
     "linear_attention": "linear_attention",  # Qwen3-Next Gated DeltaNet
     "mamba": "mamba",
     "mamba2": "mamba",
+    "hybrid": "attention_mamba",  # Falcon-H1's layers_block_type
+    "mlp": "mlp",  # Nemotron-H layers_block_type: an MLP or MoE block alone caches nothing
+    "moe": "mlp",
 }
-
-
-# Hybrids whose layer layout is not a per-layer kind list (sized as attention, with a warning).
-_UNREAD_HYBRIDS = {
-    "falcon_h1": "attention and Mamba side by side in every layer",
-    "nemotron_h": "hybrid_override_pattern",
+# Nemotron-H hybrid_override_pattern characters (vLLM nemotron_h.py ALL_DECODER_LAYER_TYPES):
+# M a Mamba2 mixer, * attention, - an MLP, E a mixture of experts.
+_NEMOTRON_H_PATTERN: dict[str, LayerKind] = {
+    "M": "mamba",
+    "*": "full_attention",
+    "-": "mlp",
+    "E": "mlp",
 }
 
 
 def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[LayerKind]:
     """What each layer caches, from layer_types or the family's layer pattern."""
+    model_type = config.get("model_type")
+    if model_type == "falcon_h1":
+        # Falcon-H1 runs attention and a Mamba2 mixer side by side in every decoder layer
+        # (vLLM falcon_h1.py FalconH1ParallelHybrid: self_attn and mamba in each layer).
+        return ["attention_mamba"] * num_layers
+    pattern = config.get("hybrid_override_pattern")
+    if isinstance(pattern, str) and pattern:
+        unknown = sorted(set(pattern) - set(_NEMOTRON_H_PATTERN))
+        if unknown:
+            raise ModelInfoError(
+                f"config.json hybrid_override_pattern has {', '.join(map(repr, unknown))}, "
+                "which modelship cannot size (it knows M for Mamba, * for attention, - for MLP "
+                "and E for MoE layers); fix config.json."
+            )
+        if len(pattern) != num_layers:
+            raise ModelInfoError(
+                f"config.json hybrid_override_pattern describes {len(pattern)} layers but "
+                f"num_hidden_layers is {num_layers}; vLLM builds one layer per character, so fix "
+                "num_hidden_layers (or the pattern) in config.json."
+            )
+        return [_NEMOTRON_H_PATTERN[char] for char in pattern]
     layer_types = config.get("layer_types", "layers_block_type")
     if isinstance(layer_types, list) and layer_types:
         if len(layer_types) != num_layers:
@@ -508,6 +540,9 @@ def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[L
                 f"(it knows {', '.join(sorted(_LAYER_KINDS))})."
             )
         listed: list[LayerKind] = [_LAYER_KINDS[kind] for kind in layer_types]
+        if model_type == "nemotron_h":
+            # transformers writes Nemotron-H's Mamba2 layers as linear_attention.
+            listed = ["mamba" if kind == "linear_attention" else kind for kind in listed]
         if not window_layers:  # a sliding window as long as the context is full attention
             return ["full_attention" if k == "sliding_attention" else k for k in listed]
         return listed
@@ -541,9 +576,11 @@ def _layer_kinds(config: _Config, num_layers: int, window_layers: int) -> list[L
     return ["sliding_attention"] * num_layers
 
 
-def _recurrent_state_elements(config: _Config, hidden_size: int) -> tuple[int, int]:
+def _recurrent_state_elements(
+    config: _Config, hidden_size: int
+) -> tuple[int, int, RecurrentMixer | None]:
     """(convolution, SSM) elements of one Mamba / linear-attention layer's state for one
-    sequence, whole width.
+    sequence, whole width, and the mixer that keeps it.
 
     The shapes are vLLM's MambaStateShapeCalculator (mamba_utils.py): a causal-convolution
     state of (kernel - 1) x conv_dim plus the SSM (or DeltaNet) state.
@@ -555,33 +592,48 @@ def _recurrent_state_elements(config: _Config, hidden_size: int) -> tuple[int, i
         value_dim = config.positive_int("linear_value_head_dim") or 0
         kernel = config.positive_int("linear_conv_kernel_dim") or 4
         conv_dim = 2 * key_heads * key_dim + value_heads * value_dim
-        return (kernel - 1) * conv_dim, value_heads * key_dim * value_dim
+        return (kernel - 1) * conv_dim, value_heads * key_dim * value_dim, "gated_deltanet"
     state = config.positive_int("mamba_d_state", "ssm_state_size", "state_size")
     if state is None:
-        return 0, 0
+        return 0, 0, None
     kernel = config.positive_int("mamba_d_conv", "conv_kernel") or 4
     heads = config.positive_int("mamba_n_heads", "mamba_num_heads")
-    if heads is not None:  # Mamba2 (Granite 4, Bamba, Nemotron-H)
-        head_dim = config.positive_int("mamba_d_head", "mamba_head_dim") or 64
+    if heads is not None:  # Mamba2 (Granite 4, Bamba, Falcon-H1, Nemotron-H)
+        if config.get("mamba_d_head") == "auto":  # Falcon-H1: the Mamba width over the heads
+            width = config.positive_int("mamba_d_ssm") or (
+                (config.positive_int("mamba_expand") or 2) * hidden_size
+            )
+            head_dim = width // heads
+        else:
+            head_dim = config.positive_int("mamba_d_head", "mamba_head_dim") or 64
         groups = config.positive_int("mamba_n_groups", "n_groups") or 1
         inner = heads * head_dim
-        return (kernel - 1) * (inner + 2 * groups * state), heads * head_dim * state
+        return (kernel - 1) * (inner + 2 * groups * state), heads * head_dim * state, "mamba2"
     expand = config.positive_int("mamba_expand", "expand") or 2  # Mamba1 (Jamba)
     inner = expand * hidden_size
-    return (kernel - 1) * inner, inner * state
+    return (kernel - 1) * inner, inner * state, "mamba"
 
 
-def _config_dtype(config: _Config) -> WeightDtype | None:
-    value = config.get("torch_dtype", "dtype")
+def _config_dtype(config: _Config, key: str = "torch_dtype") -> WeightDtype | None:
+    value = config.get(key, "dtype") if key == "torch_dtype" else config.get(key)
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
     if name not in _CONFIG_DTYPES:
         raise ModelInfoError(
-            f"config.json torch_dtype {value!r} is not a weight dtype modelship knows "
+            f"config.json {key} {value!r} is not a dtype modelship knows "
             f"({', '.join(sorted(_CONFIG_DTYPES))}); fix config.json."
         )
     return _CONFIG_DTYPES[name]
+
+
+def _ssm_state_dtype(config: _Config) -> WeightDtype | None:
+    """The dtype vLLM keeps the SSM state in when it is not the model's: Nemotron-H's
+    mamba_ssm_cache_dtype, float32 when unsaid (vLLM models/config.py
+    NemotronHForCausalLMConfig, applied while --mamba-ssm-cache-dtype is auto)."""
+    if config.get("model_type") != "nemotron_h":
+        return None
+    return _config_dtype(config, "mamba_ssm_cache_dtype") or "fp32"
 
 
 def model_info_from_config(
@@ -631,7 +683,8 @@ def model_info_from_config(
                 "qk_rope_head_dim; set spec.model.architecture.qkRopeHeadDim."
             )
 
-    head_dim = overrides.head_dim or cfg.positive_int("head_dim")
+    # attention_head_dim: Nemotron-H's name for it.
+    head_dim = overrides.head_dim or cfg.positive_int("head_dim", "attention_head_dim")
     if head_dim is None and kv_lora_rank is not None and cfg.get("qk_nope_head_dim"):
         # MLA: a query/key head is its non-rotary plus its rotary part (DeepSeek: 128 + 64).
         head_dim = cfg.positive_int("qk_nope_head_dim") + qk_rope_head_dim  # type: ignore[operator]
@@ -652,15 +705,9 @@ def model_info_from_config(
     window, window_layers = _sliding_window(cfg, overrides, num_layers, max_positions)
 
     layer_kinds = _layer_kinds(cfg, num_layers, window_layers)
-    if cfg.get("model_type") in _UNREAD_HYBRIDS:
-        warnings.append(
-            f"{cfg.get('model_type')} mixes Mamba and attention in a way modelship does not read "
-            f"yet ({_UNREAD_HYBRIDS[cfg.get('model_type')]}): every layer is sized as attention "
-            "and the Mamba state is not counted; leave headroom (spec.serving.concurrency)."
-        )
-    recurrent = any(kind in ("mamba", "linear_attention") for kind in layer_kinds)
-    conv_elements, ssm_elements = (
-        _recurrent_state_elements(cfg, hidden_size) if recurrent else (0, 0)
+    recurrent = any(kind in STATE_KINDS for kind in layer_kinds)
+    conv_elements, ssm_elements, mixer = (
+        _recurrent_state_elements(cfg, hidden_size) if recurrent else (0, 0, None)
     )
     if recurrent and not ssm_elements:
         raise ModelInfoError(
@@ -795,6 +842,8 @@ def model_info_from_config(
         layer_types=layer_kinds if layer_kinds.count("full_attention") != num_layers else [],
         recurrent_conv_elements=conv_elements,
         recurrent_ssm_elements=ssm_elements,
+        recurrent_ssm_dtype=_ssm_state_dtype(cfg) if recurrent else None,
+        recurrent_mixer=mixer,
         num_experts=experts,
         num_experts_per_token=experts_per_token if experts is not None else None,
         moe_intermediate_size=moe_intermediate_size,

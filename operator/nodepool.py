@@ -83,6 +83,10 @@ class NodeGroupRequest:
     desired_size: int
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[dict[str, str]] = field(default_factory=list)  # {key, value, effect: NO_SCHEDULE}
+    # EFA interfaces per node (multi-node placements): the group is launched from a launch
+    # template of that name with that many EFA interfaces, in a cluster placement group of that
+    # name, in one Availability Zone (operator/nodegroups.py).
+    efa_interfaces: int = 0
 
 
 def capacity_type_of(value: str) -> CapacityType:
@@ -297,8 +301,9 @@ systemctl start --no-block modelship-node-cache.service
 
 def _efa_label(placement: Placement) -> dict[str, str]:
     # Karpenter attaches EFA interfaces to the nodes it launches for pods that request
-    # vpc.amazonaws.com/efa (the AWS EFA device plugin advertises them); the label lets the
-    # device plugin's DaemonSet and people find the pool's EFA nodes.
+    # vpc.amazonaws.com/efa (the AWS EFA device plugin advertises them); an EKS managed node group
+    # gets them from its launch template (operator/nodegroups.py). The label lets the device
+    # plugin's DaemonSet and people find the pool's EFA nodes.
     return {EFA_LABEL: "true"} if placement.efa_interfaces else {}
 
 
@@ -380,6 +385,7 @@ def node_group_request(
             {"key": key, "value": value, "effect": "NO_SCHEDULE"}
             for key, value in _taints(placement, pool)
         ],
+        efa_interfaces=placement.efa_interfaces,
     )
 
 

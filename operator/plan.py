@@ -19,8 +19,18 @@ CheckpointQuantization = Literal[
 ]
 # What one layer holds per token or per sequence (vLLM's KV-cache spec kinds):
 # full_attention and sliding_attention keep K/V per token (MLA models keep one latent);
-# mamba and linear_attention keep a fixed recurrent state per sequence.
-LayerKind = Literal["full_attention", "sliding_attention", "mamba", "linear_attention"]
+# mamba and linear_attention keep a fixed recurrent state per sequence; attention_mamba runs
+# both side by side (Falcon-H1: K/V per token and a Mamba2 state per sequence); mlp is an MLP or
+# MoE block alone (Nemotron-H's "-" and "E") and caches nothing.
+LayerKind = Literal[
+    "full_attention", "sliding_attention", "mamba", "linear_attention", "attention_mamba", "mlp"
+]
+# What keeps a recurrent layer's state (vLLM's mixer classes): mamba (MambaMixer, Jamba),
+# mamba2 (MambaMixer2: Granite 4, Bamba, Falcon-H1, Nemotron-H), gated_deltanet (Qwen3-Next).
+RecurrentMixer = Literal["mamba", "mamba2", "gated_deltanet"]
+# The kinds that keep K/V per token (full context), and those that keep a state per sequence.
+FULL_ATTENTION_KINDS: frozenset[LayerKind] = frozenset({"full_attention", "attention_mamba"})
+STATE_KINDS: frozenset[LayerKind] = frozenset({"mamba", "linear_attention", "attention_mamba"})
 
 
 class _Data(BaseModel):
@@ -88,6 +98,14 @@ class ModelInfo(_Data):
         0,
         description="Elements of one mamba / linear-attention layer's SSM (or DeltaNet) state "
         "for one sequence, whole model width (split over tensor parallel).",
+    )
+    recurrent_ssm_dtype: WeightDtype | None = Field(
+        None,
+        description="Element type of the SSM state when vLLM does not keep it in the model's "
+        "(Nemotron-H: mamba_ssm_cache_dtype, float32 by default); unset: the model's dtype.",
+    )
+    recurrent_mixer: RecurrentMixer | None = Field(
+        None, description="The mixer of the mamba / linear-attention layers (vLLM's class)."
     )
     num_experts: int | None = None
     num_experts_per_token: int | None = None

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from .api import ModelDeploymentSpec, SpecError
 from .catalog import AMI_TYPES, GIB, RESOURCE_NAMES, Accelerator, Catalog, InstanceType
 from .engine import EngineArgs
-from .plan import MemoryBreakdown, ModelInfo, Needs, Placement, Plan, Rejection
+from .plan import (
+    FULL_ATTENTION_KINDS,
+    STATE_KINDS,
+    MemoryBreakdown,
+    ModelInfo,
+    Needs,
+    Placement,
+    Plan,
+    Rejection,
+)
 from .vllm_options import user_enforce_eager
 
 MIB = 1 << 20
@@ -96,9 +105,12 @@ MXFP4_BYTES_PER_PARAM = 0.5 + 1 / 32
 DEFAULT_MAX_NODES_PER_REPLICA = 4
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
 # vLLM keeps two state slots per sequence in every Mamba / linear-attention layer with prefix
-# caching on, its default (MambaSpec.max_memory_usage_bytes, mamba_cache_mode "align"); the
-# vLLM oracle test measures it (tests/integration/test_kv_oracle_vllm.py).
+# caching on, its default (MambaSpec.max_memory_usage_bytes, mamba_cache_mode "align"); Mamba2
+# mixers (MambaMixer2.get_kv_cache_spec: num_prefill_checkpoint_blocks=1) reserve a third for
+# the prefill checkpoint. The vLLM oracle test measures both
+# (tests/integration/test_kv_oracle_vllm.py).
 RECURRENT_STATE_SLOTS = 2
+MAMBA2_STATE_SLOTS = 3
 
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int8-gptq": 8, "int4": 4}
 BITS.update({"int4-awq": 4, "int4-gptq": 4, "mxfp4": 4})
@@ -208,7 +220,9 @@ def served_format(info: ModelInfo, quantization: str) -> ServedFormat:
 def _attention_parameters(info: ModelInfo) -> int:
     """q, k, v and o projections of every attention layer (MLA counted as the dense form)."""
     attention_layers = sum(
-        1 for kind in info.layer_kinds() if kind in ("full_attention", "sliding_attention")
+        1
+        for kind in info.layer_kinds()
+        if kind in FULL_ATTENTION_KINDS or kind == "sliding_attention"
     )
     per_layer = (
         info.hidden_size
@@ -295,6 +309,11 @@ def recurrent_state_bytes_per_layer(
     ) // tensor_parallel_size
 
 
+def recurrent_state_slots(info: ModelInfo) -> int:
+    """State slots one sequence holds in each Mamba / linear-attention layer (see above)."""
+    return MAMBA2_STATE_SLOTS if info.recurrent_mixer == "mamba2" else RECURRENT_STATE_SLOTS
+
+
 def pipeline_stages(num_layers: int, pipeline_parallel_size: int) -> list[range]:
     """The layers of each pipeline stage, as vLLM splits them (distributed/utils.py
     get_pp_indices): equal shares, the remainder on the stages before the last."""
@@ -339,14 +358,13 @@ def _stages(info: ModelInfo, fmt: ServedFormat, weights: int, tp: int, pp: int) 
         if index == pp - 1:
             stage_weights += head
         stage_kinds = [kinds[i] for i in layers]
-        full = stage_kinds.count("full_attention")
-        sliding = stage_kinds.count("sliding_attention")
         stages.append(
             _Stage(
                 weight_bytes=math.ceil(stage_weights / tp),
-                full_layers=full,
-                sliding_layers=sliding,
-                recurrent_layers=len(stage_kinds) - full - sliding,
+                # A Falcon-H1 layer (attention_mamba) holds both K/V and a state.
+                full_layers=sum(kind in FULL_ATTENTION_KINDS for kind in stage_kinds),
+                sliding_layers=stage_kinds.count("sliding_attention"),
+                recurrent_layers=sum(kind in STATE_KINDS for kind in stage_kinds),
             )
         )
     return stages
@@ -493,7 +511,7 @@ def _kv_bytes_per_sequence(
     sliding_tokens = (math.ceil(window_tokens / BLOCK_SIZE) + 1) * BLOCK_SIZE
     return (
         per_layer * (full_layers * full_tokens + sliding_layers * sliding_tokens)
-        + stage.recurrent_layers * RECURRENT_STATE_SLOTS * slot
+        + stage.recurrent_layers * recurrent_state_slots(info) * slot
     )
 
 
@@ -658,9 +676,11 @@ def _evaluate(
         request.kv_cache_dtype, ServedFormat(fmt.name, dtype, None, False)
     )
     per_layer = kv_bytes_per_token_per_layer(info, tp, element_bytes)
-    # Mamba / DeltaNet state follows the model dtype (vLLM's mamba_ssm_cache_dtype "auto").
+    # Mamba / DeltaNet state follows the model dtype (vLLM's mamba_ssm_cache_dtype "auto"),
+    # except where vLLM keeps the model's SSM state wider (Nemotron-H: float32).
     state_bytes = BITS[dtype] // 8
-    state_per_layer = recurrent_state_bytes_per_layer(info, tp, state_bytes, state_bytes)
+    ssm_bytes = BITS[info.recurrent_ssm_dtype] // 8 if info.recurrent_ssm_dtype else state_bytes
+    state_per_layer = recurrent_state_bytes_per_layer(info, tp, state_bytes, ssm_bytes)
     stages = _stages(info, fmt, request.weight_bytes, tp, pp)
     spec = request.spec
 

@@ -3,7 +3,8 @@ model from its published config.json on the meta device: tests/servers/vllm_kv_o
 
 For every architecture family the catalog claims — dense GQA (Llama 3.x, Mistral, Qwen2.5,
 Phi-3), MoE (Mixtral, Qwen3 MoE), MLA (DeepSeek-V3), sliding window (Gemma 2 and 3, gpt-oss's
-alternating windows) and hybrids (Jamba's Mamba layers, Qwen3-Next's Gated DeltaNet) — the
+alternating windows) and hybrids (Jamba's Mamba layers, Qwen3-Next's Gated DeltaNet, Falcon-H1's
+attention and Mamba2 side by side in every layer, Nemotron-H's hybrid_override_pattern) — the
 per-layer kinds, the window, the K/V bytes per token of every attention layer and the state of
 every Mamba / linear-attention layer must be what vLLM computes. Where they differ, vLLM is
 right and modelship is fixed. The configs are the published config.json files
@@ -17,11 +18,13 @@ from typing import Any
 
 import pytest
 from modelship.operator.modelinfo import model_info_from_config
+from modelship.operator.plan import LayerKind
 from modelship.operator.sizing import (
     RECURRENT_STATE_SLOTS,
     hybrid_page_layout,
     kv_bytes_per_token_per_layer,
     recurrent_state_bytes_per_layer,
+    recurrent_state_slots,
 )
 
 from tests.servers.vllm_kv_oracle import KvCacheOracle
@@ -29,12 +32,16 @@ from tests.unit import configs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# vLLM's KVCacheSpec class for each modelship layer kind.
-VLLM_KIND = {
-    "full_attention": {"FullAttentionSpec", "MLAAttentionSpec"},
-    "sliding_attention": {"SlidingWindowSpec"},
-    "mamba": {"MambaSpec"},
-    "linear_attention": {"MambaSpec"},  # vLLM keeps Gated DeltaNet state as a MambaSpec
+# vLLM's KVCacheSpec classes for each modelship layer kind, in the order vLLM registers them
+# (a Falcon-H1 layer registers its attention, then its Mamba2 mixer; an MLP / MoE layer none).
+ATTENTION = {"FullAttentionSpec", "MLAAttentionSpec"}
+VLLM_KINDS: dict[LayerKind, list[set[str]]] = {
+    "full_attention": [ATTENTION],
+    "sliding_attention": [{"SlidingWindowSpec"}],
+    "mamba": [{"MambaSpec"}],
+    "linear_attention": [{"MambaSpec"}],  # vLLM keeps Gated DeltaNet state as a MambaSpec
+    "attention_mamba": [ATTENTION, {"MambaSpec"}],
+    "mlp": [],
 }
 MODEL_DTYPE_BYTES = 2  # every config below is bf16
 # The CPU platform keeps the SSM state in fp32 whatever mamba_ssm_cache_dtype says
@@ -66,6 +73,8 @@ MODELS = [
     "GPT_OSS_20B",
     "JAMBA_1_5_MINI",
     "QWEN3_NEXT_80B_A3B",
+    "FALCON_H1_0_5B_INSTRUCT",
+    "NEMOTRON_H_8B_BASE_8K",
 ]
 
 
@@ -76,15 +85,20 @@ def test_kv_cache_per_layer_matches_vllm(vllm_kv_oracle: KvCacheOracle, name: st
     specs = vllm_kv_oracle.layer_specs(_faster(config))
     kinds = info.layer_kinds()
 
-    # One cache-holding layer per decoder layer, of the same kind, in the same order.
-    assert len(specs) == info.num_layers, [spec.name for spec in specs]
-    for index, (kind, spec) in enumerate(zip(kinds, specs, strict=True)):
-        assert spec.kind in VLLM_KIND[kind], f"layer {index}: modelship {kind}, vLLM {spec.kind}"
+    # The cache-holding layers of each decoder layer, of the same kinds, in the same order.
+    expected = [
+        (index, kind, spec_kinds)
+        for index, kind in enumerate(kinds)
+        for spec_kinds in VLLM_KINDS[kind]
+    ]
+    assert len(specs) == len(expected), [spec.name for spec in specs]
+    for (index, kind, spec_kinds), spec in zip(expected, specs, strict=True):
+        assert spec.kind in spec_kinds, f"layer {index}: modelship {kind}, vLLM {spec.kind}"
 
     per_token = kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES)
     state = recurrent_state_bytes_per_layer(info, 1, MODEL_DTYPE_BYTES, CPU_SSM_STATE_BYTES)
-    for kind, spec in zip(kinds, specs, strict=True):
-        if kind in ("mamba", "linear_attention"):
+    for (_, kind, _), spec in zip(expected, specs, strict=True):
+        if spec.kind == "MambaSpec":
             assert state == spec.page_size_bytes, spec
         else:
             assert per_token == spec.bytes_per_token, spec
@@ -166,3 +180,31 @@ def test_sliding_window_sequences_hold_the_window(vllm_kv_oracle: KvCacheOracle)
     modelship = GIB / per_sequence
     assert capacity.max_concurrency <= modelship <= capacity.max_concurrency * 1.05
     assert capacity.tokens <= GIB * length // per_sequence <= capacity.tokens * 1.05
+
+
+@pytest.mark.parametrize("name", ["FALCON_H1_0_5B_INSTRUCT", "NEMOTRON_H_8B_BASE_8K"])
+def test_mamba2_hybrids_pay_tokens_and_three_state_slots(
+    vllm_kv_oracle: KvCacheOracle, name: str
+) -> None:
+    # Falcon-H1 (36 layers of attention and Mamba2 side by side) and Nemotron-H-8B (4 attention
+    # and 24 Mamba2 layers, 24 MLP layers with no cache), 4 GiB, 8k sequences. vLLM groups the
+    # layers into pages of one size and a sequence takes ceil(8192 / block) attention blocks per
+    # attention group and, per Mamba2 group, three state blocks: two (prefix caching's "align"
+    # mode) plus the prefill checkpoint MambaMixer2 reserves. The CPU backend keeps 128-token
+    # attention blocks and pads them to the state's page; modelship's sizes reproduce its count.
+    config = getattr(configs, name)
+    info = model_info_from_config(config, weights=None, parameters=1, files=None)
+    length = 8192
+    capacity = vllm_kv_oracle.capacity(config, 4 * GIB, length)
+    state = recurrent_state_bytes_per_layer(info, 1, MODEL_DTYPE_BYTES, CPU_SSM_STATE_BYTES)
+    block = 128
+    page = max(state, block * kv_bytes_per_token_per_layer(info, 1, MODEL_DTYPE_BYTES))
+    assert set(capacity.pages) == {page}
+    assert recurrent_state_slots(info) == 3
+    kinds = info.layer_kinds()
+    attention = sum(kind in ("full_attention", "attention_mamba") for kind in kinds)
+    recurrent = sum(kind in ("mamba", "attention_mamba") for kind in kinds)
+    per_sequence = page * (attention * (length // block) + recurrent * recurrent_state_slots(info))
+    # vLLM counts whole pages of every layer of a group; modelship counts layers.
+    assert abs(4 * GIB / per_sequence - capacity.max_concurrency) < 0.01 * capacity.max_concurrency
+    assert abs(4 * GIB * length // per_sequence - capacity.tokens) <= 0.01 * capacity.tokens

@@ -207,6 +207,11 @@ def test_config_map_sets_exactly_the_operators_variables() -> None:
     config = load_config(data)
     assert config.node_pool_mode == "karpenter" and config.autoscaler == "keda"
     assert config.catalog_path == "/etc/modelship/catalog.yaml"
+    efa = objects({"nodePools": {"efaSecurityGroupIds": ["sg-0a1", "sg-0b2"]}})
+    efa_data = next(
+        o for o in of_kind(efa, "ConfigMap") if o["metadata"]["name"].endswith("-config")
+    )
+    assert load_config(efa_data["data"]).efa_security_group_ids == ("sg-0a1", "sg-0b2")
     deployment = operator_deployment(objs)
     mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(m["mountPath"] == "/etc/modelship" for m in mounts), "catalog not mounted"
@@ -354,6 +359,7 @@ def test_dashboards_and_rules_are_carried_verbatim() -> None:
             "extraEnv",
         ),
         ({"nodePools": {"subnetIds": ["vpc-123"]}}, "subnetIds"),
+        ({"nodePools": {"efaSecurityGroupIds": ["subnet-123"]}}, "efaSecurityGroupIds"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], field: str) -> None:

@@ -537,6 +537,23 @@ def test_plan_shows_the_efa_request_and_the_neuron_compile_step(
     assert code == 0
     assert "Chosen    g6.12xlarge: 2 x 4 x NVIDIA L4, TP 4, PP 2" in out
     assert "vpc.amazonaws.com/efa: 1" in out
+    assert "launch template modelship-g6-12xlarge-od-efa in cluster placement group" in out
+    # eks-nodegroup mode: the node group request carries the EFA interfaces and label.
+    code, out, _ = run(
+        capsys,
+        "render",
+        "--model",
+        str(directory),
+        "--params",
+        "70.6B",
+        "--max-model-len",
+        "8192",
+        "--node-pool-mode",
+        "eks-nodegroup",
+    )
+    assert code == 0
+    assert "#   name: modelship-g6-12xlarge-od-efa" in out
+    assert "#   efa_interfaces: 1" in out and "#     modelship.dev/efa: 'true'" in out
     code, out, _ = run(
         capsys,
         "plan",
@@ -550,3 +567,26 @@ def test_plan_shows_the_efa_request_and_the_neuron_compile_step(
     assert code == 0
     assert "step 1: compile once on inf2.8xlarge" in out
     assert "step 2: serve on inf2.xlarge" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "layers"),
+    [
+        ("FALCON_H1_0_5B_INSTRUCT", "0.5B", "36 attention_mamba layers"),
+        ("NEMOTRON_H_8B_BASE_8K", "8.1B", "4 attention + 24 mamba + 24 mlp layers"),
+    ],
+)
+def test_plan_lays_out_falcon_h1_and_nemotron_h_layers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, params: str, layers: str
+) -> None:
+    # The table says what each layer caches; the JSON's KV tokens are the hybrid count (two state
+    # slots per Mamba layer and sequence), with no "not counted" warning left.
+    (tmp_path / "config.json").write_text(json.dumps(configs.ALL_CONFIGS[name]))
+    argv = ["plan", "--model", str(tmp_path), "--params", params, "--instance-types", "g6e.xlarge"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert layers in out and "Mamba state is not counted" not in out
+    code, out, _ = run(capsys, *argv, "-o", "json")
+    chosen = json.loads(out)["chosen"]
+    per_sequence = chosen["memory"]["kvCacheBytes"] // chosen["maxConcurrentSequences"]
+    assert per_sequence > chosen["kvCacheBytesPerToken"] * json.loads(out)["needs"]["maxModelLen"]

@@ -395,11 +395,13 @@ def test_layer_kinds_follow_each_family() -> None:
         28,
     ]
     assert (jamba.recurrent_conv_elements, jamba.recurrent_ssm_elements) == (3 * 8192, 8192 * 16)
+    assert (jamba.recurrent_mixer, jamba.recurrent_ssm_dtype) == ("mamba", None)
     # Qwen3-Next: full attention every 4th layer, Gated DeltaNet in between.
     nxt = from_config(configs.QWEN3_NEXT_80B_A3B)
     assert nxt.layer_kinds()[:4] == ["linear_attention"] * 3 + ["full_attention"]
     assert nxt.recurrent_conv_elements == 3 * (2 * 16 * 128 + 32 * 128)
     assert nxt.recurrent_ssm_elements == 32 * 128 * 128
+    assert nxt.recurrent_mixer == "gated_deltanet"
     # Plain GQA models list no per-layer kinds (all full attention).
     assert from_config(LLAMA_3_8B).layer_types == []
     with pytest.raises(ModelInfoError, match="layer_types lists 2 layers"):
@@ -849,9 +851,59 @@ def test_configs_are_not_mutated() -> None:
     assert QWEN2_72B["intermediate_size"] == 29568
 
 
-def test_hybrids_modelship_cannot_lay_out_are_flagged() -> None:
-    # Falcon-H1 runs attention and Mamba side by side in each layer (vLLM falcon_h1.py): sized as
-    # attention only, which the plan says rather than hiding.
-    info = from_config({**LLAMA_3_8B, "model_type": "falcon_h1"})
-    assert any("Mamba state is not counted" in warning for warning in info.warnings)
-    assert not any("Mamba" in warning for warning in from_config(LLAMA_3_8B).warnings)
+def test_falcon_h1_layers_hold_attention_and_mamba_side_by_side() -> None:
+    # tiiuae/Falcon-H1-0.5B-Instruct: every one of the 36 layers runs attention (2 KV heads x 64)
+    # and a Mamba2 mixer (vLLM falcon_h1.py FalconH1ParallelHybrid), so each holds K/V per token
+    # and a state per sequence: conv (d_conv - 1) x (d_ssm + 2 x groups x d_state), SSM
+    # heads x head_dim x d_state.
+    info = from_config(configs.FALCON_H1_0_5B_INSTRUCT)
+    assert info.layer_kinds() == ["attention_mamba"] * 36
+    assert (info.num_key_value_heads, info.head_dim) == (2, 64)
+    assert info.recurrent_conv_elements == 3 * (1536 + 2 * 1 * 128)
+    assert info.recurrent_ssm_elements == 24 * 64 * 128
+    assert info.recurrent_ssm_dtype is None  # the model's dtype (vLLM mamba_ssm_cache_dtype auto)
+    assert info.recurrent_mixer == "mamba2"
+    assert info.warnings == []
+    # mamba_d_head "auto" (FalconH1Config's default) is the Mamba width over the heads.
+    auto = from_config({**configs.FALCON_H1_0_5B_INSTRUCT, "mamba_d_head": "auto"})
+    assert auto.recurrent_ssm_elements == info.recurrent_ssm_elements
+
+
+def test_nemotron_h_pattern_decides_which_layers_cache_what() -> None:
+    # nvidia/Nemotron-H-8B-Base-8K: hybrid_override_pattern M (Mamba2), * (attention), - (MLP,
+    # no cache); vLLM builds one layer per character (nemotron_h.py ALL_DECODER_LAYER_TYPES).
+    info = from_config(configs.NEMOTRON_H_8B_BASE_8K)
+    kinds = info.layer_kinds()
+    assert [i for i, kind in enumerate(kinds) if kind == "full_attention"] == [7, 18, 29, 40]
+    assert (kinds.count("mamba"), kinds.count("mlp")) == (24, 24)
+    assert kinds[:3] == ["mamba", "mlp", "mamba"]
+    assert info.head_dim == 128  # attention_head_dim
+    assert info.recurrent_conv_elements == 3 * (128 * 64 + 2 * 8 * 128)
+    assert info.recurrent_ssm_elements == 128 * 64 * 128
+    # vLLM keeps Nemotron-H's SSM state in config.json mamba_ssm_cache_dtype, float32 when unsaid
+    # (models/config.py NemotronHForCausalLMConfig).
+    assert info.recurrent_ssm_dtype == "fp32"
+    assert info.recurrent_mixer == "mamba2"
+    bf16_state = {**configs.NEMOTRON_H_8B_BASE_8K, "mamba_ssm_cache_dtype": "bfloat16"}
+    assert from_config(bf16_state).recurrent_ssm_dtype == "bf16"
+    assert info.warnings == []
+    # MoE variants: E is an expert block, which caches nothing either.
+    moe = from_config({**configs.NEMOTRON_H_8B_BASE_8K, "hybrid_override_pattern": "ME*E" * 13})
+    assert moe.layer_kinds()[:4] == ["mamba", "mlp", "full_attention", "mlp"]
+    # transformers 5 writes the pattern as layers_block_type; its linear_attention is Mamba2.
+    listed = {
+        **{
+            k: v for k, v in configs.NEMOTRON_H_8B_BASE_8K.items() if k != "hybrid_override_pattern"
+        },
+        "layers_block_type": ["linear_attention", "mlp", "full_attention", "moe"] * 13,
+    }
+    assert from_config(listed).layer_kinds() == moe.layer_kinds()
+
+
+def test_nemotron_h_pattern_errors_name_the_field() -> None:
+    bad = {**configs.NEMOTRON_H_8B_BASE_8K, "hybrid_override_pattern": "MX" * 26}
+    with pytest.raises(ModelInfoError, match="hybrid_override_pattern has 'X'"):
+        from_config(bad)
+    short = {**configs.NEMOTRON_H_8B_BASE_8K, "hybrid_override_pattern": "M*-"}
+    with pytest.raises(ModelInfoError, match="describes 3 layers but num_hidden_layers is 52"):
+        from_config(short)

@@ -167,6 +167,9 @@ def test_multi_node_placements_get_their_own_efa_pool() -> None:
     request = node_group_request(spread, CONFIG, min_replicas=1, max_replicas=1)
     assert request.name == "modelship-p5-48xlarge-od-efa"
     assert request.labels["modelship.dev/efa"] == "true"
+    # eks-nodegroup mode: the group's launch template carries one EFA interface per card.
+    assert request.efa_interfaces == 32
+    assert node_group_request(LLAMA_8B_L4, CONFIG, 1, 1).efa_interfaces == 0
     _, single = karpenter_objects(LLAMA_8B_L4, CONFIG, max_replicas=1)
     assert "modelship.dev/efa" not in single["spec"]["template"]["metadata"]["labels"]
     assert pool_name("p5.48xlarge", "spot", efa=True) == "modelship-p5-48xlarge-spot-efa"

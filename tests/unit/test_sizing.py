@@ -17,6 +17,7 @@ from modelship.operator.modelinfo import model_info_from_config
 from modelship.operator.plan import ModelInfo, Plan
 from modelship.operator.sizing import (
     BLOCK_SIZE,
+    hybrid_page_layout,
     kv_bytes_per_token_per_layer,
     make_plan,
     pipeline_stages,
@@ -465,6 +466,9 @@ def quantized(config: dict[str, Any], quantization_config: dict[str, Any]) -> di
 QWEN3_30B_A3B_FP8 = info_for(configs.QWEN3_30B_A3B_FP8, 30_532_122_624)
 GPT_OSS_120B = info_for(configs.GPT_OSS_120B, 116_829_156_672)  # openai/gpt-oss-120b card
 JAMBA = info_for(configs.JAMBA_1_5_MINI, 51_570_000_000)  # ai21labs/AI21-Jamba-1.5-Mini card
+# The model cards' sizes: Falcon-H1-0.5B-Instruct 0.5B, Nemotron-H-8B-Base-8K 8.1B.
+FALCON_H1 = info_for(configs.FALCON_H1_0_5B_INSTRUCT, 500_000_000)
+NEMOTRON_H = info_for(configs.NEMOTRON_H_8B_BASE_8K, 8_100_000_000)
 
 
 class TestCheckpointFormats:
@@ -599,6 +603,53 @@ class TestPerLayerCaches:
         assert chosen.kv_cache_bytes_per_token < layers_per_stage * per_layer / 4
         state = recurrent_state_bytes_per_layer(JAMBA, 1, 2, 2)
         assert state == (3 * 8192 + 8192 * 16) * 2  # conv (d_conv - 1) x inner + inner x d_state
+
+    def test_falcon_h1_layers_pay_tokens_and_state_slots_in_every_layer(self) -> None:
+        # Falcon-H1-0.5B: 36 layers, each with attention (2 KV heads x 64, bf16: 512 bytes a
+        # token) and a Mamba2 state. vLLM pages both on one size: the attention block grows to
+        # 16 x ceil(state / (16 x 512)) tokens and each state slot is padded to that page; a
+        # Mamba2 layer holds three slots per sequence (two, plus the prefill checkpoint).
+        # tests/integration/test_kv_oracle_vllm.py checks the sizes and slots against vLLM.
+        length = 16384
+        result = plan(
+            FALCON_H1, serving={"maxModelLen": length}, **only(instanceTypes=["g6.xlarge"])
+        )
+        chosen = result.chosen
+        assert chosen is not None and chosen.tensor_parallel_size == 1
+        per_token = 2 * 2 * 64 * 2
+        state = (3 * (1536 + 2 * 128) + 24 * 64 * 128) * 2
+        assert recurrent_state_bytes_per_layer(FALCON_H1, 1, 2, 2) == state
+        block, slot = hybrid_page_layout(per_token, state)
+        assert (block, slot) == (800, 800 * per_token)
+        assert chosen.kv_cache_bytes_per_token == 36 * per_token
+        per_sequence = 36 * per_token * (-(-length // block) * block) + (36 * 3 * slot)
+        kv_bytes = chosen.memory.kv_cache_bytes
+        assert chosen.max_concurrent_sequences == kv_bytes // per_sequence
+        assert chosen.kv_cache_tokens == kv_bytes * length // per_sequence
+        # The states cost real room: attention alone would hold more tokens.
+        attention_only = kv_bytes // (36 * per_token)
+        assert chosen.kv_cache_tokens < attention_only
+
+    def test_nemotron_h_sizes_only_the_pattern_s_attention_and_mamba_layers(self) -> None:
+        # Nemotron-H-8B: 4 attention layers (8 KV heads x 128, bf16: 4 KiB a token), 24 Mamba2
+        # layers whose SSM state vLLM keeps in float32, 24 MLP layers that cache nothing.
+        length = 8192
+        result = plan(
+            NEMOTRON_H,
+            serving={"maxModelLen": length, "concurrency": 8},
+            **only(instanceTypes=["g6e.xlarge"]),
+        )
+        chosen = result.chosen
+        assert chosen is not None and chosen.tensor_parallel_size == 1
+        per_token = 2 * 8 * 128 * 2
+        state = 3 * (128 * 64 + 2 * 8 * 128) * 2 + 128 * 64 * 128 * 4  # conv bf16, SSM fp32
+        assert recurrent_state_bytes_per_layer(NEMOTRON_H, 1, 2, 4) == state
+        assert chosen.kv_cache_bytes_per_token == 4 * per_token
+        block, slot = hybrid_page_layout(per_token, state)
+        per_sequence = 4 * per_token * (-(-length // block) * block) + (24 * 3 * slot)
+        kv_bytes = chosen.memory.kv_cache_bytes
+        assert chosen.max_concurrent_sequences == kv_bytes // per_sequence
+        assert chosen.kv_cache_tokens == kv_bytes * length // per_sequence
 
     def test_gpt_oss_alternates_sliding_and_full_attention(self) -> None:
         # gpt-oss layer_types: sliding_attention (128 tokens) and full_attention, alternating.
