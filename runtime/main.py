@@ -552,6 +552,8 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
                     log.info("Ray cluster: all %d nodes alive", alive)
                     status.update(ray_nodes_alive=alive)
                 step = "start"
+                cache: NeuronCache | None
+                cache_key: CacheKey | None
                 if args.compile_only:
                     cache, cache_key = _neuron_cache_key(args, engine_args, report, model_dir)
                     if cache.exists(cache_key):
