@@ -385,6 +385,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     )
     rendered = render(md, plan.chosen, config)
     documents = [*rendered.node_pool_objects, *rendered.children]
+    if plan.chosen.compile_instance_type is not None:
+        from .compilejob import render_compile_job, render_compile_pool
+
+        # Step 1 first: the operator applies the serving objects once the Job has succeeded.
+        compile_step = [
+            *render_compile_pool(md, plan.chosen, config),
+            render_compile_job(md, plan.chosen, config),
+        ]
+        documents = [*compile_step, *documents]
     if rendered.node_group is not None:
         # Not a Kubernetes object: the operator creates it through the EKS API (boto3).
         text = yaml.safe_dump({"eksManagedNodeGroup": asdict(rendered.node_group)}, sort_keys=False)
