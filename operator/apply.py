@@ -85,6 +85,8 @@ CONFIG_MAP = Kind("v1", "ConfigMap", "configmaps", True)
 NODE_POOL = Kind("karpenter.sh/v1", "NodePool", "nodepools", False)
 NODE_CLAIM = Kind("karpenter.sh/v1", "NodeClaim", "nodeclaims", False)
 EC2_NODE_CLASS = Kind("karpenter.k8s.aws/v1", "EC2NodeClass", "ec2nodeclasses", False)
+# A Neuron compile Job (operator/compilejob.py): owned by its ModelDeployment, never pruned.
+JOB = Kind("batch/v1", "Job", "jobs", True)
 
 # Kinds render may produce as namespaced children: the set pruning looks through.
 CHILD_KINDS: tuple[Kind, ...] = (
@@ -99,7 +101,7 @@ CHILD_KINDS: tuple[Kind, ...] = (
 # Shared pool kinds, in deletion order (a NodePool goes before the EC2NodeClass it refers to).
 POOL_KINDS: tuple[Kind, ...] = (NODE_POOL, EC2_NODE_CLASS)
 WORKLOAD_KINDS: tuple[Kind, ...] = (DEPLOYMENT, LEADER_WORKER_SET)
-_KINDS = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, *POOL_KINDS, POD, NODE_CLAIM)}
+_KINDS = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, *POOL_KINDS, POD, NODE_CLAIM, JOB)}
 
 # Shared pools are read, merged with every user's share and applied whole. Two reconciles doing
 # that at once would each apply a merge without the other's share (the last one wins), so pool

@@ -32,7 +32,7 @@ import yaml
 from . import api
 from .api import SpecError
 from .catalog import Catalog, CatalogError, load_catalog
-from .config import ConfigError, OperatorConfig
+from .config import ConfigError, OperatorConfig, shared_neuron_cache
 from .knownmodels import (
     KnownModel,
     KnownModelError,
@@ -246,7 +246,8 @@ def build_plan(args: argparse.Namespace) -> tuple[str, api.ModelDeploymentSpec, 
     spec = api.load_spec(raw_spec)
     catalog = load_catalog(args.catalog)
     info = inspect(spec, args.endpoint_url)
-    return name, spec, make_plan(info, spec, catalog)
+    compile_step = shared_neuron_cache(args.neuron_cache_uri)
+    return name, spec, make_plan(info, spec, catalog, compile_step=compile_step)
 
 
 def _gib(value: int | float) -> str:
@@ -397,6 +398,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     )
     rendered = render(md, plan.chosen, config)
     documents = [*rendered.node_pool_objects, *rendered.children]
+    if plan.chosen.compile_instance_type is not None:
+        from .compilejob import render_compile_job, render_compile_pool
+
+        # Step 1 first: the operator applies the serving objects once the Job has succeeded.
+        compile_step = [
+            *render_compile_pool(md, plan.chosen, config),
+            render_compile_job(md, plan.chosen, config),
+        ]
+        documents = [*compile_step, *documents]
     if rendered.node_group is not None:
         # Not a Kubernetes object: the operator creates it through the EKS API (boto3).
         text = yaml.safe_dump({"eksManagedNodeGroup": asdict(rendered.node_group)}, sort_keys=False)
@@ -468,6 +478,7 @@ def render_config(args: argparse.Namespace) -> OperatorConfig:
         node_role=node_role or "",
         node_class_name=args.node_class_name or "",
         catalog_path=args.catalog,
+        neuron_cache_uri=args.neuron_cache_uri,
     )
 
 
@@ -595,6 +606,13 @@ def _plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", help="catalog override file (merged over the built-in one)")
     parser.add_argument(
         "--endpoint-url", help="S3 endpoint for S3-compatible stores (default: AWS_ENDPOINT_URL)"
+    )
+    parser.add_argument(
+        "--neuron-cache-uri",
+        default=os.environ.get("MODELSHIP_NEURON_CACHE_URI") or None,
+        help="the operator's Neuron compile cache (Helm runtime.neuronCacheUri; default "
+        "$MODELSHIP_NEURON_CACHE_URI): with an s3:// prefix a Neuron model may compile on a "
+        "larger instance than it serves on",
     )
 
 

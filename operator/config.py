@@ -132,7 +132,10 @@ class OperatorConfig(BaseModel):
         5, gt=0, description="How often the activator re-lists the ModelDeployments it serves."
     )
     neuron_cache_uri: str | None = Field(
-        None, description="Where Neuron compiled artifacts are cached (s3://... or a volume path)."
+        None,
+        description="Where Neuron compiled artifacts are cached (s3://... or a volume path). An "
+        "s3:// prefix is shared by every pod, so a model whose serving node has too little host "
+        "memory to compile is compiled once by a Job on a larger instance (operator/compilejob.py).",
     )
 
 
@@ -186,6 +189,12 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         first = error.errors()[0]
         key = ENV_PREFIX + str(first["loc"][0]).upper()
         raise ConfigError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def shared_neuron_cache(uri: str | None) -> bool:
+    """Whether a Neuron compile cache at `uri` is shared between pods on different nodes: an
+    s3:// prefix. A path is inside each pod (render mounts no volume for it)."""
+    return bool(uri and uri.startswith("s3://"))
 
 
 def node_cache_enabled(config: OperatorConfig) -> bool:

@@ -40,6 +40,7 @@ from typing import Any, cast
 
 import kopf
 
+from . import compilejob
 from .api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, check_name, load_spec
 from .apply import (
     KARPENTER_POOL_LABEL,
@@ -323,6 +324,14 @@ def node_claims(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any
     return {labels[KARPENTER_POOL_LABEL]: _slim(body)}
 
 
+@kopf.index("jobs.batch", labels={MD_LABEL: kopf.PRESENT, compilejob.ROLE_LABEL: "compile"})
+def compile_jobs(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Key, Any]:
+    """(namespace, ModelDeployment) -> its Neuron compile Jobs (metadata, status)."""
+    return {(namespace or "", labels[MD_LABEL]): _slim(body)}
+
+
 def _index_list(index: Any, key: Any) -> list[dict[str, Any]]:
     return [dict(item) for item in index.get(key, [])] if index is not None else []
 
@@ -427,6 +436,7 @@ def compute_status(
     pods_index: Any,
     claims_index: Any,
     previous: Mapping[str, Any] | None,
+    jobs_index: Any = None,
 ) -> StatusUpdate:
     """The status to write, from what the watches have seen (no requests)."""
     key = key_of(body)
@@ -460,6 +470,15 @@ def compute_status(
             endpoint=endpoint_url(md, context.config) if md else None,
             selector=selector or None,
             measured_kv_cache_tokens=state.measured_kv.get(key) if last else None,
+            compile=compilejob.progress(
+                md,
+                last.placement,
+                context.config,
+                (body.get("metadata") or {}).get("annotations") or {},
+                _index_list(jobs_index, key),
+            )
+            if md and last
+            else None,
         ),
         previous,
         datetime.datetime.now(tz=datetime.UTC),
@@ -599,6 +618,7 @@ def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[s
             indexes["runtime_pods"],
             indexes["node_claims"],
             previous,
+            indexes["compile_jobs"],
         )
         if _status_changed(previous, update.status):
             write_status(context, state, key, update.status)
@@ -610,7 +630,13 @@ def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[s
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {
         name: kwargs.get(name)
-        for name in ("model_deployments", "pool_users", "runtime_pods", "node_claims")
+        for name in (
+            "model_deployments",
+            "pool_users",
+            "runtime_pods",
+            "node_claims",
+            "compile_jobs",
+        )
     }
 
 
@@ -738,7 +764,8 @@ def plan(context: Context, body: kopf.Body) -> tuple[ModelDeploymentSpec, Placem
                 else None
             ),
         )
-        result = make_plan(info, spec, context.catalog)
+        compile_step = compilejob.compile_step_problem(context.config) is None
+        result = make_plan(info, spec, context.catalog, compile_step=compile_step)
         if result.chosen is None:
             raise Rejected(Failure("NoPlacement", "nothing fits: " + "; ".join(result.suggestions)))
         return spec, result.chosen
@@ -757,6 +784,11 @@ def apply_last_good(
     """Apply the pools, node group and children of a plan; prune what it no longer renders."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     rendered = rendered_for(context, state, body, last)
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    md = md_ref(body, last.spec, last.generation)
+    step = compilejob.ensure(context.kube, md, last.placement, context.config, annotations)
+    if step is not None and step.state != "Compiled":
+        return rendered  # the serving workload waits for the compile Job (compile_job_changed)
     if rendered.node_group is not None and context.node_groups is not None:
         context.node_groups.ensure(rendered.node_group, namespace, name)
         context.node_groups.release(namespace, name, keep=rendered.node_group.name)
@@ -847,6 +879,7 @@ def reconcile(
             indexes["runtime_pods"],
             indexes["node_claims"],
             previous,
+            indexes["compile_jobs"],
         )
         # Written now, under the lock, not by kopf after the handler returns: a refresh that runs
         # in between would otherwise be overwritten by this older view.
@@ -1020,6 +1053,39 @@ async def pod_changed(
         wake(memo.state, (namespace or "", labels[MD_LABEL]), _indexes(kwargs))
 
 
+@kopf.on.event("jobs.batch", labels={MD_LABEL: kopf.PRESENT, compilejob.ROLE_LABEL: "compile"})
+def compile_job_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """A Neuron compile Job changed: once it has finished, apply the last good plan again (the
+    compile step records success and releases its pool, then the serving workload is applied);
+    refresh status."""
+    context: Context = memo.context
+    state: State = memo.state
+    key = (namespace or "", labels[MD_LABEL])
+    indexes = _indexes(kwargs)
+    mds = _index_list(indexes["model_deployments"], key)
+    last = state.acted.get(key, (0, None))[1]
+    going = not mds or mds[0]["metadata"].get("deletionTimestamp")
+    if (
+        event.get("type") not in (None, "DELETED")
+        and last
+        and not going
+        and compilejob.finished(body)
+    ):
+        with holding(context, state, key, indexes):
+            try:
+                apply_last_good(context, state, mds[0], last, indexes["pool_users"], prune=True)
+            except (KubeApiError, RenderError) as error:
+                logger.warning("after the compile Job of %s/%s: %s", *key, error)
+    refresh(context, state, key, indexes)
+
+
 @kopf.on.event("nodeclaims.karpenter.sh", labels={KARPENTER_POOL_LABEL: kopf.PRESENT})
 async def node_claim_changed(
     event: kopf.RawEvent, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
@@ -1073,6 +1139,8 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
             sync_pools(context, state, kwargs.get("pool_users"), my_pools(last), user, None)
             if context.node_groups is not None:
                 context.node_groups.release(*key)
+            if last is not None and compilejob.needs_compile_step(last.placement):
+                compilejob.release(context.kube, md_ref(body, last.spec, last.generation))
         except KubeApiError as error:
             raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from None
     state.forget(key)

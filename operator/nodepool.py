@@ -177,11 +177,11 @@ def node_class_name(pool: str, config: OperatorConfig) -> str:
 
 
 def karpenter_objects(
-    placement: Placement, config: OperatorConfig, max_replicas: int
+    placement: Placement, config: OperatorConfig, max_replicas: int, pool: str | None = None
 ) -> list[dict[str, Any]]:
     """EC2NodeClass (unless config.node_class_name names an existing one) and NodePool, in apply
-    order, for one ModelDeployment's view of the shared pool."""
-    pool = placement_pool_name(placement)
+    order, for one ModelDeployment's view of the shared pool (or of the pool named `pool`)."""
+    pool = pool or placement_pool_name(placement)
     objects: list[dict[str, Any]] = []
     if not config.node_class_name:
         objects.append(_ec2_node_class(placement, config, pool))

@@ -246,6 +246,10 @@ def runtime_args(
         args += ["--mount-root", MOUNT_ROOT]
     if placement.accelerator_vendor != "nvidia" and config.neuron_cache_uri:
         args += ["--neuron-cache", config.neuron_cache_uri]
+        if placement.compile_instance_type is not None:
+            # This node has too little host memory to compile: it serves only what the compile
+            # Job (operator/compilejob.py) published, and fails clearly on a miss.
+            args.append("--neuron-cache-required")
     args += [
         "--device",
         _device(placement),

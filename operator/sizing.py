@@ -87,6 +87,11 @@ FETCH_BYTES_PER_SECOND = 250 * MIB
 LOAD_BYTES_PER_SECOND = 1 * GIB
 ENGINE_START_SECONDS = 120
 NEURON_COMPILE_SECONDS_PER_GIB = 60
+# What to set so that the operator can run a two-step Neuron placement (plan notes, suggestions).
+COMPILE_CACHE_SETTING = (
+    "set the chart's runtime.neuronCacheUri (MODELSHIP_NEURON_CACHE_URI) to an s3:// prefix the "
+    "runtime's service account may read and write"
+)
 # Grouped int4 (AWQ/GPTQ): an fp16 scale and a packed 4-bit zero per group, and the embeddings
 # and lm_head kept in 16 bits (sizing-notes 1.2: "about 3% at group size 128"). The group size is
 # the checkpoint's (quantization_config.group_size; -1 is one scale per output channel); 128 is
@@ -387,6 +392,9 @@ class Request:
     enforce_eager: bool
     spec: ModelDeploymentSpec
     expert_parallel: bool = False  # --enable-expert-parallel in spec.serving.engineArgs
+    # Whether the operator can run a Neuron compile Job on a larger instance: it needs a compile
+    # cache the Job and the serving pods share (runtime.neuronCacheUri, an s3:// prefix).
+    compile_step: bool = False
 
 
 def _valid_degrees(info: ModelInfo, fmt: ServedFormat, limit: int = 64) -> list[int]:
@@ -554,6 +562,11 @@ def neuron_compile_host_bytes(weights: int) -> int:
     """Host memory NxD Inference needs to trace and compile the model: the whole checkpoint
     held on the CPU while it shards it for every rank, plus the compiler."""
     return NEURON_HOST_MEMORY_BASE + int(weights * NEURON_HOST_MEMORY_WEIGHT_FACTOR)
+
+
+def neuron_compile_seconds(weights: int) -> int:
+    """Predicted time for neuronx-cc to compile a model of `weights` bytes (cold cache)."""
+    return int(weights / GIB * NEURON_COMPILE_SECONDS_PER_GIB)
 
 
 def _host_resources(
@@ -800,10 +813,13 @@ def _evaluate(
                 f"fills the Neuron compile cache; "
                 f"{_gib(neuron_compile_host_bytes(request.weight_bytes // nodes))} "
                 f"host memory to compile, more than {instance.name} has); step 2: serve on "
-                f"{instance.name} from the compiled artifacts. The operator does not run "
-                f"step 1 yet: compile once on {compile_instance} into the runtime's Neuron "
-                f"cache (runtime.neuronCacheUri), then pin spec.accelerator.instanceTypes to "
-                f"{instance.name}"
+                f"{instance.name} from the compiled artifacts"
+                + (
+                    ""
+                    if request.compile_step
+                    else f". The operator runs step 1 only with a shared Neuron compile cache: "
+                    f"{COMPILE_CACHE_SETTING}"
+                )
             )
     if candidate.accelerators_per_node < instance.count:
         notes.append(
@@ -841,9 +857,7 @@ def _evaluate(
         trust_remote_code=spec.model.trust_remote_code,
         **engine_extra,
     )
-    compile_seconds = (
-        0 if device == "cuda" else int(request.weight_bytes / GIB * NEURON_COMPILE_SECONDS_PER_GIB)
-    )
+    compile_seconds = 0 if device == "cuda" else neuron_compile_seconds(request.weight_bytes)
     ready_seconds = (
         request.weight_bytes / FETCH_BYTES_PER_SECOND
         + weights_per_worker / LOAD_BYTES_PER_SECOND
@@ -954,7 +968,9 @@ def _single_node_candidates(catalog: Catalog, instance: InstanceType) -> Iterato
             yield _Candidate(instance, accelerator, chips * cores, 1)
 
 
-def _rank_key(placement: Placement) -> tuple[bool, bool, float, int, int, int]:
+def _rank_key(
+    placement: Placement, compile_step: bool = True
+) -> tuple[bool, bool, float, int, int, int]:
     cost = placement.cost_per_hour_usd
     # At equal cost: fewer nodes, more KV cache; then on GPUs the placement using more of the
     # instance (more KV headroom), on Neuron the one with fewer chips (a shorter compile and the
@@ -962,10 +978,9 @@ def _rank_key(placement: Placement) -> tuple[bool, bool, float, int, int, int]:
     chips = placement.accelerator_count
     return (
         cost is None,
-        # A Neuron placement whose node cannot compile the model comes after every placement the
-        # operator brings up on its own: the one-off compile Job on a larger instance is planned
-        # and shown, but not run by the operator yet, so it needs a Neuron cache compiled ahead.
-        placement.compile_instance_type is not None,
+        # Without a shared compile cache the operator cannot run a placement's compile Job: such
+        # placements come after every placement it brings up on its own (and are never chosen).
+        not compile_step and placement.compile_instance_type is not None,
         cost or 0.0,
         placement.nodes,
         -placement.kv_cache_tokens,
@@ -1053,16 +1068,24 @@ def _enumerate(
     return feasible, rejected
 
 
-def _best_per_instance(placements: list[Placement]) -> list[Placement]:
+def _best_per_instance(placements: list[Placement], compile_step: bool) -> list[Placement]:
     """Rank, and keep one placement per (instance type, nodes): the others cost the same and
     hold less KV cache."""
     best: dict[tuple[str, int], Placement] = {}
-    for placement in sorted(placements, key=_rank_key):
+    for placement in sorted(placements, key=lambda p: _rank_key(p, compile_step)):
         best.setdefault((placement.instance_type, placement.nodes), placement)
     return list(best.values())
 
 
-def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
+def runnable(placement: Placement, compile_step: bool) -> bool:
+    """Whether the operator can bring `placement` up: a two-step Neuron placement needs the
+    compile step (a shared compile cache)."""
+    return compile_step or placement.compile_instance_type is None
+
+
+def resolve_needs(
+    info: ModelInfo, spec: ModelDeploymentSpec, compile_step: bool = False
+) -> Request:
     """Apply defaults and check the spec against the model; SpecError on a contradiction."""
     serving = spec.serving
     max_model_len = serving.max_model_len or min(
@@ -1105,6 +1128,7 @@ def resolve_needs(info: ModelInfo, spec: ModelDeploymentSpec) -> Request:
         enforce_eager=user_enforce_eager(serving.engine_args),
         spec=spec,
         expert_parallel="--enable-expert-parallel" in serving.engine_args,
+        compile_step=compile_step,
     )
 
 
@@ -1113,8 +1137,11 @@ def _replace_request(request: Request, **changes: object) -> Request:
     return Request(**fields)
 
 
-def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
-    """When nothing fits: the nearest changes that would, each checked by planning again."""
+def _suggest(
+    catalog: Catalog, info: ModelInfo, request: Request, fits_somewhere: bool = False
+) -> list[str]:
+    """When nothing fits: the nearest changes that would, each checked by planning again.
+    `fits_somewhere`: a placement the operator cannot run alone fits (no catch-all advice)."""
     suggestions: list[str] = []
 
     def cheapest(changed: Request) -> Placement | None:
@@ -1122,6 +1149,7 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
             feasible, _ = _enumerate(catalog, info, changed)
         except SpecError:
             return None
+        feasible = [p for p in feasible if runnable(p, request.compile_step)]
         return min(feasible, key=_rank_key) if feasible else None
 
     def where(placement: Placement) -> str:
@@ -1185,7 +1213,7 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
             suggestions.append(
                 f"other hardware: without the spec.accelerator limits it fits on {where(placement)}"
             )
-    if not suggestions:
+    if not suggestions and not fits_somewhere:
         suggestions.append(
             "nothing in the catalog holds this model at any context length; add larger instance "
             "types with a catalog override, or serve a smaller or quantized model"
@@ -1193,12 +1221,19 @@ def _suggest(catalog: Catalog, info: ModelInfo, request: Request) -> list[str]:
     return suggestions
 
 
-def make_plan(info: ModelInfo, spec: ModelDeploymentSpec, catalog: Catalog) -> Plan:
+def make_plan(
+    info: ModelInfo, spec: ModelDeploymentSpec, catalog: Catalog, *, compile_step: bool = False
+) -> Plan:
     """Size the hardware for one replica: the chosen placement, the alternatives (cheapest
-    first), the rejected ones with reasons and, when nothing fits, what would."""
-    request = resolve_needs(info, spec)
+    first), the rejected ones with reasons and, when nothing fits, what would.
+
+    `compile_step`: the operator can run a Neuron compile Job on a larger instance than the one
+    that serves (a shared compile cache is configured). Without it a placement that needs one
+    ranks last and is never chosen; when nothing else fits, the suggestions say what to set."""
+    request = resolve_needs(info, spec, compile_step)
     feasible, rejected = _enumerate(catalog, info, request)
-    ranked = _best_per_instance(feasible)
+    ranked = _best_per_instance(feasible, compile_step)
+    chosen = next((p for p in ranked if runnable(p, compile_step)), None)
     needs = Needs(
         max_model_len=request.max_model_len,
         concurrency=request.concurrency,
@@ -1206,11 +1241,20 @@ def make_plan(info: ModelInfo, spec: ModelDeploymentSpec, catalog: Catalog) -> P
         kv_cache_dtype=request.kv_cache_dtype,
         gpu_memory_utilization=request.gpu_memory_utilization,
     )
+    suggestions: list[str] = []
+    if chosen is None and ranked:
+        two_step = ranked[0]
+        suggestions.append(
+            f"a shared Neuron compile cache: {COMPILE_CACHE_SETTING}; the operator then compiles "
+            f"once on {two_step.compile_instance_type} and serves on {two_step.instance_type}"
+        )
+    if chosen is None:
+        suggestions += _suggest(catalog, info, request, fits_somewhere=bool(ranked))
     return Plan(
         model=info,
         needs=needs,
-        chosen=ranked[0] if ranked else None,
-        alternatives=ranked[1:],
+        chosen=chosen,
+        alternatives=[p for p in ranked if p is not chosen],
         rejected=rejected,
-        suggestions=[] if ranked else _suggest(catalog, info, request),
+        suggestions=suggestions,
     )

@@ -14,6 +14,9 @@ observedGeneration); lastTransitionTime is kept when a condition's status does n
                    wanted, pods that cannot be created (PodCreationFailed: a missing ServiceAccount,
                    a PodSecurity rejection), children that cannot be applied (ApplyFailed), or a
                    model store that does not answer (ModelUnreachable); the last two are retried
+    Compiled       Neuron placements that compile on a larger instance (compilejob.py) only:
+                   False while the compile Job runs (Compiling) or when it failed (CompileFailed,
+                   with the Job's reason and message), True once the artifacts are published
 
 The phase comes from the pods, because the runtime has no permission to write to the API:
 
@@ -26,7 +29,8 @@ The phase comes from the pods, because the runtime has no permission to write to
     WeightsLoading    the runtime container (or a fetch init container) is running but not ready:
                       it is fetching, verifying and loading weights
     Compiling         Neuron only: running but not ready for longer than the weights take to
-                      fetch (estimate_fetch_seconds), so neuronx is compiling the graphs
+                      fetch (estimate_fetch_seconds), so neuronx is compiling the graphs; or the
+                      compile Job on a larger instance runs and the serving workload waits for it
     Ready             every wanted replica is ready
     Degraded          some replicas are ready but others crash, or a bad edit was rejected while
                       the last good workload keeps serving
@@ -42,6 +46,7 @@ from typing import Any, Literal
 
 from .api import PlanSummary
 from .apply import Observation
+from .compilejob import CompileProgress
 from .plan import Placement
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -52,6 +57,7 @@ CONDITION_TYPES = (
     "Available",
     "Degraded",
     "KVCacheAsPredicted",
+    "Compiled",
 )
 PHASES = (
     "Pending",
@@ -117,6 +123,8 @@ class ReconcileFacts:
     desired_replicas: int | None = None
     selector: str | None = None
     measured_kv_cache_tokens: int | None = None  # what vLLM allocated (kvfeedback.py)
+    # Neuron: the compile Job's progress when the serving node cannot compile (compilejob.py).
+    compile: CompileProgress | None = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +403,11 @@ def build_status(
 
     phase, message, desired, ready = workload_phase(facts, now)
     running = facts.observation is not None and facts.observation.workload is not None
+    compiling = facts.compile is not None and facts.compile.state != "Compiled"
+    if compiling and ready == 0 and facts.compile is not None:
+        # The serving workload waits for the compile Job (an earlier one may still serve).
+        phase = "Compiling" if facts.compile.state == "Compiling" else "Failed"
+        message = facts.compile.message
 
     observation = facts.observation
     if observation is None or not running:
@@ -439,6 +452,8 @@ def build_status(
         message = f"{failure.reason}: {failure.message}"
         if failure.transient:
             message += " (retrying)"
+    elif facts.compile is not None and facts.compile.state == "Failed":
+        degraded = cond("Degraded", "True", facts.compile.reason, facts.compile.message)
     elif message.startswith(POD_CREATION_FAILED):
         degraded = cond("Degraded", "True", "PodCreationFailed", message)
     elif phase in ("Degraded", "Failed"):
@@ -447,6 +462,9 @@ def build_status(
         degraded = cond("Degraded", "False", "AsExpected", "")
 
     conditions = [validated, planned, capacity, available, degraded]
+    if facts.compile is not None:
+        compiled: ConditionStatus = "True" if facts.compile.state == "Compiled" else "False"
+        conditions.append(cond("Compiled", compiled, facts.compile.reason, facts.compile.message))
     kv_cache: dict[str, Any] | None = None
     if facts.placement is not None:
         from .kvfeedback import verdict

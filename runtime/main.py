@@ -15,6 +15,10 @@ child), ready (vLLM's /health answers; `modelship_runtime_time_to_ready_seconds`
 Neuron cache is published). Then the runtime waits for vLLM and exits with its exit code,
 forwarding SIGTERM and SIGINT to it. A failure ends with one plain `error:` line that names the
 step and the fix, the status file's phase `failed`, and exit code 1.
+
+--compile-only (Neuron; the operator's compile Job): after verifying, exit 0 at once when the
+compile cache holds this model's key; else start vLLM (which compiles), publish the compiled
+artifacts once it answers /health, stop it and exit 0 (status phase `compiled`).
 """
 
 from __future__ import annotations
@@ -165,6 +169,20 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--neuron-cache", help="Neuron compile cache: s3://bucket/prefix or a volume path.")
     option(
+        "--compile-only",
+        action="store_true",
+        help="Neuron: fetch and verify the model, compile it (vLLM starts once), publish the "
+        "compiled artifacts to --neuron-cache and exit 0; exit 0 at once when the cache already "
+        "holds them. The operator's compile Job runs this on an instance with the host memory.",
+    )
+    option(
+        "--neuron-cache-required",
+        action="store_true",
+        help="Neuron: fail when --neuron-cache has no compiled artifacts for this model instead "
+        "of compiling (a node with too little host memory to compile serves only what a compile "
+        "Job put in the cache).",
+    )
+    option(
         "--neuron-artifacts-dir",
         type=Path,
         default=Path("/var/cache/modelship/neuron"),
@@ -242,6 +260,21 @@ def parse_args(
         parser.error(f"--role {args.role} needs --nodes 2 or more (the pods in the group)")
     if args.role is None and args.nodes != 1:
         parser.error(f"--nodes {args.nodes} needs --role leader or --role worker")
+    needs_cache = [
+        flag
+        for flag, on in (
+            ("--compile-only", args.compile_only),
+            ("--neuron-cache-required", args.neuron_cache_required),
+        )
+        if on
+    ]
+    for flag in needs_cache:
+        if args.device != "neuron" or not args.neuron_cache:
+            parser.error(f"{flag} needs --device neuron and --neuron-cache (the compile cache)")
+    if args.compile_only and args.role is not None:
+        parser.error(
+            "--compile-only compiles on one node; drop --role (each node compiles its own)"
+        )
     if args.nodes_timeout_seconds is None:
         args.nodes_timeout_seconds = args.ready_timeout_seconds
     if not args.served_model_name:
@@ -519,10 +552,40 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
                     log.info("Ray cluster: all %d nodes alive", alive)
                     status.update(ray_nodes_alive=alive)
                 step = "start"
-                cache, cache_key = _restore_neuron_cache(args, engine_args, report, model_dir)
+                cache: NeuronCache | None
+                cache_key: CacheKey | None
+                if args.compile_only:
+                    cache, cache_key = _neuron_cache_key(args, engine_args, report, model_dir)
+                    if cache.exists(cache_key):
+                        log.info(
+                            "neuron cache already holds %s: nothing to compile",
+                            cache.location(cache_key),
+                        )
+                        status.update(phase="compiled", neuron_cache=cache.location(cache_key))
+                        return 0
+                    step = "compile"
+                    log.info("neuron cache miss: %s; compiling", cache.location(cache_key))
+                else:
+                    cache, cache_key = _restore_neuron_cache(args, engine_args, report, model_dir)
                 vllm = _start_vllm(args, engine_args, model_dir, kv_gauge, status, stream)
                 process = vllm
                 vllm.wait_until_healthy(args.ready_timeout_seconds)
+                if args.compile_only and cache is not None and cache_key is not None:
+                    # vLLM answers /health once the compiled model is loaded: the artifacts are
+                    # complete. A publish that fails fails the Job (it is the Job's whole work).
+                    step = "publish the compile cache"
+                    published = cache.publish(cache_key, args.neuron_artifacts_dir)
+                    if not published and not cache.exists(cache_key):
+                        raise NeuronCacheError(
+                            f"vLLM wrote no compiled artifacts to {args.neuron_artifacts_dir}; "
+                            "check that the image's vLLM runs on Neuron and honours "
+                            "NEURON_COMPILED_ARTIFACTS"
+                        )
+                    log.info("compiled and published %s; stopping vLLM", cache.location(cache_key))
+                    code = _exit_code(vllm.stop(grace_seconds=args.stop_grace_seconds))
+                    status.update(phase="compiled", neuron_cache=cache.location(cache_key))
+                    log.info("vLLM stopped with code %d after the compile", code)
+                    return 0
                 _mark_ready(args, metrics, status, started, vllm)
                 if cache is not None and cache_key is not None:
                     _publish_neuron_cache(args, cache, cache_key)
@@ -596,18 +659,33 @@ def run(args: argparse.Namespace, engine_args: list[str], started: float) -> int
             head.stop(grace_seconds=10)
 
 
+def _neuron_cache_key(
+    args: argparse.Namespace, engine_args: list[str], report: FetchReport, model_dir: Path
+) -> tuple[NeuronCache, CacheKey]:
+    """The compile cache and this model's key in it."""
+    cache = NeuronCache(args.neuron_cache, endpoint_url=args.s3_endpoint_url)
+    # Each weight file's ETag (or mtime, on a volume): two checkpoints with the same shapes
+    # never share compiled artifacts.
+    return cache, cache_key_for(model_dir, engine_args, etags=report.file_etags)
+
+
 def _restore_neuron_cache(
     args: argparse.Namespace, engine_args: list[str], report: FetchReport, model_dir: Path
 ) -> tuple[NeuronCache | None, CacheKey | None]:
     """On Neuron with a cache: its key, and the compiled artifacts restored when present."""
     if args.device != "neuron" or not args.neuron_cache:
         return None, None
-    cache = NeuronCache(args.neuron_cache, endpoint_url=args.s3_endpoint_url)
-    # Each weight file's ETag (or mtime, on a volume): two checkpoints with the same shapes
-    # never share compiled artifacts.
-    cache_key = cache_key_for(model_dir, engine_args, etags=report.file_etags)
+    cache, cache_key = _neuron_cache_key(args, engine_args, report, model_dir)
     if cache.restore(cache_key, args.neuron_artifacts_dir):
         log.info("neuron cache hit: %s", cache.location(cache_key))
+    elif args.neuron_cache_required:
+        raise NeuronCacheError(
+            f"no compiled artifacts at {cache.location(cache_key)}, and this node has too little "
+            "host memory to compile the model (--neuron-cache-required). The operator's compile "
+            "Job publishes them: if the model, engine arguments or runtime image changed since it "
+            "ran, delete the annotation modelship.dev/neuron-compiled from the ModelDeployment "
+            "to compile again"
+        )
     else:
         log.info("neuron cache miss: %s (vLLM will compile)", cache.location(cache_key))
     return cache, cache_key

@@ -670,6 +670,21 @@ class Kubelet:
         assert pod is not None and pod["spec"].get("nodeName"), f"{pod_name} is not bound"
         self.kube.merge_patch(POD, namespace, pod_name, self._containers(pod, True), "status")
 
+    def finish(self, namespace: str, pod_name: str, exit_code: int = 0) -> None:
+        """Every container ran to its end with `exit_code`: the pod Succeeded (0) or Failed (a
+        pod of restartPolicy Never, as a Job's is)."""
+        pod = self.kube.get(POD, namespace, pod_name)
+        assert pod is not None and pod["spec"].get("nodeName"), f"{pod_name} is not bound"
+        status = self._containers(pod, False)["status"]
+        ended = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}
+        for container in status["containerStatuses"]:
+            container.update(
+                started=False,
+                state={"terminated": {**ended, "startedAt": _now(), "finishedAt": _now()}},
+            )
+        status["phase"] = "Succeeded" if exit_code == 0 else "Failed"
+        self.kube.merge_patch(POD, namespace, pod_name, {"status": status}, "status")
+
     def reap(self) -> None:
         """Finish deleting pods that are terminating (a kubelet confirms the containers ended)."""
         for pod in self.kube.list(POD):

@@ -564,9 +564,45 @@ def test_plan_shows_the_efa_request_and_the_neuron_compile_step(
         "--instance-types",
         "inf2.xlarge",
     )
+    # Without a shared compile cache the operator cannot run step 1: nothing is chosen, and the
+    # plan names the setting.
+    assert code == 2
+    assert "runtime.neuronCacheUri" in out
+    assert "compiles once on inf2.8xlarge and serves on inf2.xlarge" in out
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--instance-types",
+        "inf2.xlarge",
+        "--neuron-cache-uri",
+        "s3://compile-cache/neuron",
+    )
     assert code == 0
     assert "step 1: compile once on inf2.8xlarge" in out
     assert "step 2: serve on inf2.xlarge" in out
+    code, out, _ = run(
+        capsys,
+        "render",
+        "--model",
+        str(llama_dir),
+        "--params",
+        "8B",
+        "--instance-types",
+        "inf2.xlarge",
+        "--neuron-cache-uri",
+        "s3://compile-cache/neuron",
+    )
+    assert code == 0
+    documents = [d for d in yaml.safe_load_all(out) if d]
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in documents]
+    # The compile step's pool and Job come first, then the serving objects.
+    assert kinds[1][0] == "NodePool" and kinds[1][1].startswith("modelship-compile-inf2-8xlarge-")
+    assert kinds[2][0] == "Job" and "--compile-only" in str(documents[2])
+    assert ("NodePool", "modelship-inf2-xlarge-od") in kinds
 
 
 @pytest.mark.parametrize(

@@ -43,10 +43,10 @@ def info_for(
     return info
 
 
-def plan(info: ModelInfo, **spec: Any) -> Plan:
+def plan(info: ModelInfo, compile_step: bool = False, **spec: Any) -> Plan:
     body: dict[str, Any] = {"model": {"uri": "s3://models/m", **spec.pop("model", {})}}
     body.update(spec)
-    return make_plan(info, load_spec(body), CATALOG)
+    return make_plan(info, load_spec(body), CATALOG, compile_step=compile_step)
 
 
 # Published parameter counts (model cards) and checkpoint sizes.
@@ -234,12 +234,14 @@ class TestPublishedDeployments:
         assert chosen.resource_name == "aws.amazon.com/neuron"
         assert chosen.engine.device == "neuron"
         # AWS's own samples serve an 8B bf16 model on inf2.xlarge (16 GiB host) from artifacts
-        # compiled elsewhere: feasible, with both steps in the plan; it ranks after the
-        # placements the operator brings up alone, since the operator does not run the compile.
+        # compiled elsewhere: feasible, with both steps in the plan. Without a shared compile
+        # cache the operator cannot run step 1, so it ranks after the placements the operator
+        # brings up alone, and its note names the setting.
         xlarge = [p for p in result.alternatives if p.instance_type == "inf2.xlarge"]
         assert xlarge and xlarge[0].compile_instance_type == "inf2.8xlarge"
         assert any("step 1: compile once on inf2.8xlarge" in n for n in xlarge[0].notes)
         assert any("step 2: serve on inf2.xlarge" in n for n in xlarge[0].notes)
+        assert any("runtime.neuronCacheUri" in n for n in xlarge[0].notes)
         # Loading 16 GB of compiled model fits the 12.8 GiB a pod may take of inf2.xlarge.
         assert xlarge[0].memory_request_bytes < 12 * GIB
         pinned = plan(
@@ -247,7 +249,32 @@ class TestPublishedDeployments:
             serving={"maxModelLen": 4096, "concurrency": 10},
             **only(instanceTypes=["inf2.xlarge"]),
         )
-        assert pinned.chosen is not None and pinned.chosen.instance_type == "inf2.xlarge"
+        # Only the two-step placement fits and nothing can run step 1: refused, naming the fix.
+        assert pinned.chosen is None
+        assert [p.instance_type for p in pinned.alternatives] == ["inf2.xlarge"]
+        assert "runtime.neuronCacheUri" in pinned.suggestions[0]
+        assert "compiles once on inf2.8xlarge and serves on inf2.xlarge" in pinned.suggestions[0]
+        assert not any("nothing in the catalog" in s for s in pinned.suggestions)
+
+    def test_two_step_neuron_placement_with_a_shared_compile_cache(self) -> None:
+        # With a shared compile cache the operator runs the compile Job, so the cheaper serving
+        # instance wins on cost: inf2.xlarge ($0.76/h) serves what inf2.8xlarge compiles.
+        result = plan(
+            LLAMA_3_8B,
+            compile_step=True,
+            serving={"maxModelLen": 4096, "concurrency": 10},
+            **only(family="inferentia"),
+        )
+        chosen = result.chosen
+        assert chosen is not None
+        assert (chosen.instance_type, chosen.compile_instance_type) == (
+            "inf2.xlarge",
+            "inf2.8xlarge",
+        )
+        assert any("step 1: compile once on inf2.8xlarge" in n for n in chosen.notes)
+        assert not any("runtime.neuronCacheUri" in n for n in chosen.notes)
+        costs = [p.cost_per_hour_usd or 0.0 for p in [chosen, *result.alternatives]]
+        assert costs == sorted(costs)
 
     def test_70b_on_trainium_uses_the_32_cores_of_a_trn1_32xlarge(self) -> None:
         # ai-on-eks / Neuron tutorials serve Llama-3-70B on trn1.32xlarge at TP 32 (SN 2).
@@ -386,7 +413,7 @@ class TestPlacementRules:
     def test_alternatives_are_ranked_by_cost(self) -> None:
         result = plan(LLAMA_3_8B, serving={"maxModelLen": 8192})
         ranked = [p for p in [result.chosen, *result.alternatives] if p and p.cost_per_hour_usd]
-        # Placements that need a compile Job the operator does not run yet come last.
+        # Placements that need a compile Job the operator cannot run (no shared cache) come last.
         self_contained = [p for p in ranked if p.compile_instance_type is None]
         assert ranked[: len(self_contained)] == self_contained
         costs = [p.cost_per_hour_usd for p in self_contained]

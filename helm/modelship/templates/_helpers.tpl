@@ -90,6 +90,11 @@ ever have created and finds nothing of a kind that is off. */}}
 - apiGroups: [apps]
   resources: [replicasets]
   verbs: [list, watch]
+# The one-off Neuron compile Job of a model whose serving node cannot compile it
+# (operator/compilejob.py); watched to apply the serving workload when it succeeds.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
 # Runtime pods are watched to tell NodeProvisioning, WeightsLoading and crash loops apart.
 - apiGroups: [""]
   resources: [pods]
