@@ -462,6 +462,7 @@ def main() -> int:
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
+            "MALLOC_ARENA_MAX": "2",  # as the chart's Deployment sets it
         }
         if args.resync_seconds:
             env["MODELSHIP_RESYNC_SECONDS"] = args.resync_seconds

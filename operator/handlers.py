@@ -1083,7 +1083,7 @@ def compile_job_changed(
                 apply_last_good(context, state, mds[0], last, indexes["pool_users"], prune=True)
             except (KubeApiError, RenderError) as error:
                 logger.warning("after the compile Job of %s/%s: %s", *key, error)
-    refresh(context, state, key, indexes)
+    wake(state, key, indexes)
 
 
 @kopf.on.event("nodeclaims.karpenter.sh", labels={KARPENTER_POOL_LABEL: kopf.PRESENT})
@@ -1261,6 +1261,7 @@ EVENT_HANDLERS = tuple(
         pod_changed,
         node_claim_changed,
         pool_changed,
+        compile_job_changed,
     )
 )
 
