@@ -571,9 +571,13 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
 
 
 def wake(state: State, key: Key, indexes: Mapping[str, Any]) -> None:
-    """Ask for a refresh of `key` soon (see REFRESH_DELAY_SECONDS); never waits."""
+    """Ask for a refresh of `key` soon (see REFRESH_DELAY_SECONDS); never waits. Called from
+    kopf's handlers, whose context holds what kopf.event() needs (its settings and its Event
+    queue and loop; start-up handlers see only the settings): the refreshes run in it."""
     state.indexes = indexes
     if state.queue is not None:
+        if state.queue.context is None:
+            state.queue.context = contextvars.copy_context()
         state.queue.add(key)
 
 
@@ -663,9 +667,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # kopf waits this long for the watch to deliver its own patch before it runs the change
     # handlers on the object as it has it; past 5 s (the default) it runs create again on the
     # older copy. With 100 ModelDeployments created at once the watch lagged longer than that
-    # and half of them were reconciled twice. The patch always arrives (every event is
-    # processed in order), so waiting longer only waits for it.
-    settings.persistence.consistency_timeout = 60
+    # and half of them were reconciled twice; at 1000 on a busy machine it lagged past 60 s
+    # and 431 were. The patch always arrives (every event is processed in order), so waiting
+    # longer only waits for it.
+    settings.persistence.consistency_timeout = 600
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
     settings.execution.max_workers = MAX_WORKERS
@@ -686,7 +691,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         lambda key: refresh(context, state, cast(Key, key), state.indexes),
         delay=REFRESH_DELAY_SECONDS,
         workers=REFRESH_WORKERS,
-        context=contextvars.copy_context(),  # kopf.event() needs kopf's context variables
     )
     # The activator is not served here: it runs as its own Deployment (`modelship activator`,
     # helm/modelship/templates/activator.yaml), so a flood of requests cannot starve reconciles.

@@ -34,7 +34,7 @@ class WorkQueue:
         """`context`: the context variables each run sees (kopf's Events need its settings and
         event queue, which kopf sets in its own tasks and handler threads only)."""
         self._run = run
-        self._context = context
+        self.context = context
         self._delay = delay
         self._due: list[tuple[float, int, Hashable]] = []  # heap of (when, order, key)
         self._waiting: set[Hashable] = set()  # keys in the heap
@@ -97,8 +97,8 @@ class WorkQueue:
     def _work(self) -> None:
         while (key := self._next()) is not None:
             try:
-                if self._context is not None:
-                    self._context.copy().run(self._run, key)
+                if self.context is not None:
+                    self.context.copy().run(self._run, key)
                 else:
                     self._run(key)
             except Exception:  # a refresh logs its own API errors; anything else is a bug

@@ -237,6 +237,24 @@ def test_create_runs_through_every_phase_on_real_objects(
     assert condition(md, "Available")["status"] == "True"
     assert condition(md, "CapacityReady")["status"] == "True"
     assert md["status"]["readyReplicas"] == 1
+    # Every phase change seen by a refresh (the watch-driven queue, on threads of its own) is an
+    # Event on the ModelDeployment, posted through kopf, and nothing says the same thing twice.
+    reasons = wait_for(
+        "the PhaseReady Event",
+        lambda: (
+            (
+                r := [
+                    e.get("reason")
+                    for e in kube.list(EVENT, ns)
+                    if (e.get("involvedObject") or {}).get("name") == "chat"
+                ]
+            )
+            and "PhaseReady" in r
+            and r
+        ),
+    )
+    assert {"PlacementChosen", "PhaseScheduling", "PhaseNodeProvisioning"} <= set(reasons), reasons
+    assert not {"SpecValid", "ReplicasReady", "NodesReady"} & set(reasons), reasons
 
 
 def test_hand_edited_service_is_restored_exactly(
