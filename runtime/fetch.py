@@ -1,7 +1,8 @@
 """Fetch a model's files to where the engine reads them.
 
-    s3://bucket/prefix    parallel ranged GETs written straight into place (os.pwrite into a
-                          preallocated `<name>.partial`), resumable from a per-file journal of
+    s3://bucket/prefix    parallel ranged GETs written straight into place (O_DIRECT pwrites,
+                          no page-cache copy, into a preallocated `<name>.partial`; the engine
+                          then reads the weights from disk), resumable from a per-file journal of
                           completed parts, verified against the store's checksum, renamed into
                           place when complete; a file already complete is never fetched again.
     fsx:// and efs://     the PersistentVolumeClaim is mounted at `mount_root`; the model is
@@ -673,9 +674,10 @@ def _buffer_address(data: memoryview) -> int | None:
 class _FileJob:
     """Download of one file into `<name>.partial`, with its journal of committed parts.
 
-    A part goes through three states: written (its bytes are in the page cache), committed (a
-    flush covered it and its journal line, with the part's CRC, was written) and, when every
-    part is committed and the file verifies, the file is renamed into place.
+    A part goes through three states: written (its bytes handed to the disk with O_DIRECT, or to
+    the page cache, neither flushed), committed (a flush covered it and its journal line, with
+    the part's CRC, was written) and, when every part is committed and the file verifies, the
+    file is renamed into place.
     """
 
     def __init__(
@@ -1032,7 +1034,7 @@ class _Engine:
             self.reader.read_into(job.remote, start, buffer)
             job.write(buffer, start)
             self.counters.add_bytes(end - start)
-        # While the part is still in cache: its CRC, for the journal and for CRC verification.
+        # While the part is still in our buffer: its CRC, for the journal and CRC verification.
         job.part_crcs[index] = crc(job.checksum.part_crc, buffer)
         with job.lock:
             job.written.add(index)
