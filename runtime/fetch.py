@@ -986,7 +986,28 @@ class _Engine:
             setattr(self.local, name, current)
         return memoryview(current)[:size]
 
-    def submit(self, job: _FileJob) -> None:
+    def submit(self, jobs: list[_FileJob]) -> None:
+        """Open the files and queue their parts: file by file, except that the parts of files
+        hashed in order (MD5, SHA-256) are queued round-robin across those files, so their
+        hashes (one core each, serial within a file) run side by side instead of one file at a
+        time. Either way each file's parts are queued in order, which `_advance` relies on."""
+        todos = [self._open(job) for job in jobs]
+        for job, todo in zip(jobs, todos, strict=True):
+            if not job.checksum.hashed_in_order:
+                for index in todo:
+                    self.pool.submit(self._guard, self._part, job, index)
+        in_order = [
+            (job, todo)
+            for job, todo in zip(jobs, todos, strict=True)
+            if job.checksum.hashed_in_order
+        ]
+        for position in range(max((len(todo) for _, todo in in_order), default=0)):
+            for job, todo in in_order:
+                if position < len(todo):
+                    self.pool.submit(self._guard, self._part, job, todo[position])
+
+    def _open(self, job: _FileJob) -> list[int]:
+        """Open one file, check what an earlier run left; return the parts still to fetch."""
         with self.condition:
             self.pending_files += 1
             self.jobs.append(job)
@@ -1004,8 +1025,7 @@ class _Engine:
         if job.committed or not todo:
             # Parts on disk from an earlier run (or none at all): hash them, finish if complete.
             self.pool.submit(self._guard, self._advance_all, job)
-        for index in todo:
-            self.pool.submit(self._guard, self._part, job, index)
+        return todo
 
     def _fail(self, error: BaseException) -> None:
         with self.condition:
@@ -1134,7 +1154,7 @@ class _Engine:
                 retry = _FileJob(
                     job.remote, job.final_path, job.checksum, job.part_size_bytes, attempt=1
                 )
-                self.submit(retry)
+                self.submit([retry])
                 self._file_done()
                 return
             raise FetchError(
@@ -1425,8 +1445,7 @@ def _run_transfer(
         engine = _Engine(reader, manifest, counters, abort, workers, part_size_bytes, uri)
         progress = _Progress(uri, selection.total_bytes, counters, metrics, log)
         try:
-            for job in jobs:
-                engine.submit(job)
+            engine.submit(jobs)
         except BaseException:
             abort.set()
             engine.shutdown()

@@ -106,10 +106,10 @@ def test_direct_io_refused_at_write_time_falls_back_to_the_page_cache(
 
 
 class _ShuffledReader:
-    """Serves `data` with random delays, so parts complete out of order."""
+    """Serves each key's bytes with random delays, so parts complete out of order."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
         self.random = random.Random(4)
         self.lock = threading.Lock()
 
@@ -117,14 +117,18 @@ class _ShuffledReader:
         with self.lock:
             delay = self.random.uniform(0, 0.02)
         time.sleep(delay)
-        buffer[:] = self.data[start : start + len(buffer)]
+        buffer[:] = self.files[remote.key][start : start + len(buffer)]
 
 
 def test_md5_is_hashed_in_order_from_the_workers_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = random.Random(5).randbytes(24 * MIB + 12_345)
-    expected = hashlib.md5(data).hexdigest()
+    """One large file and three small ones (their parts are queued round-robin)."""
+    generator = random.Random(5)
+    files = {
+        "model-00001.safetensors": generator.randbytes(24 * MIB + 12_345),
+        **{f"model-0000{n}.safetensors": generator.randbytes(3 * MIB + n) for n in (2, 3, 4)},
+    }
     reads: list[int] = []
     original_read = fetch._FileJob.read
 
@@ -133,14 +137,16 @@ def test_md5_is_hashed_in_order_from_the_workers_buffers(
         return int(original_read(self, buffer, offset))
 
     monkeypatch.setattr(fetch._FileJob, "read", read)
-    remote = fetch._Remote("model.safetensors", len(data), expected)
+    remotes = [
+        fetch._Remote(key, len(data), hashlib.md5(data).hexdigest()) for key, data in files.items()
+    ]
     report = fetch._run_transfer(
         "test://model/",
         tmp_path,
-        [remote],
-        Selection((SelectedFile(remote.key, len(data), "weights"),), ()),
-        _ShuffledReader(data),
-        lambda item: (item, Checksum("md5", expected, item.size_bytes)),
+        remotes,
+        Selection(tuple(SelectedFile(r.key, r.size_bytes, "weights") for r in remotes), ()),
+        _ShuffledReader(files),
+        lambda item: (item, Checksum("md5", item.version, item.size_bytes)),
         fetch._Counters(None),
         threading.Event(),
         max_connections=8,
@@ -150,7 +156,8 @@ def test_md5_is_hashed_in_order_from_the_workers_buffers(
         log=lambda line: None,
         started=time.monotonic(),
     )
-    assert report.verification == {"model.safetensors": "md5"}
+    assert report.verification == dict.fromkeys(files, "md5")
     assert report.verification_failures == 0
-    assert (tmp_path / "model.safetensors").read_bytes() == data
+    for key, data in files.items():
+        assert (tmp_path / key).read_bytes() == data
     assert reads == []  # every part was hashed from the buffer it arrived in
