@@ -4,7 +4,8 @@ client and runai-model-streamer, on two independent S3 servers, with the data fl
 Fairness rules (issue 13):
     - every contender that writes files is timed to the end of an fsync of what it wrote
       (modelship flushes on its own; for the others the benchmark fsyncs each file and the
-      directory inside the timed region); the disk ceiling is `dd ... conv=fdatasync`;
+      directory inside the timed region); the disk ceilings are `dd ... conv=fdatasync`,
+      buffered and with oflag=direct (modelship writes around the page cache);
     - cleanup (removing the previous download) is outside the timed region;
     - s5cmd runs at its defaults and with a small sweep of --numworkers/--concurrency/--part-size,
       and its best median per cell is the reference;
