@@ -207,9 +207,68 @@ def _local_models(md: ModelDeploymentRef) -> bool:
     return isinstance(md.spec.model.source, S3Source) or _copy_to_local(md)
 
 
-def _node_cache(md: ModelDeploymentRef, config: OperatorConfig) -> bool:
-    """Whether the pod shares the node's model cache instead of downloading its own copy."""
+def _node_cache(md: ModelDeploymentRef, placement: Placement, config: OperatorConfig) -> bool:
+    """Whether the pod shares the node's model cache instead of downloading its own copy (not
+    for weights streamed from S3 on a node without instance store: see `weights_mode`)."""
+    if _streamable(md, placement) and not has_instance_store(placement.instance_type):
+        return False
     return _local_models(md) and node_cache_enabled(config)
+
+
+# Accelerated instance families with local NVMe instance store (AWS instance-type docs; the
+# node pool stripes it into the node's disk, nodepool.py). Anything else, inf2 included, is
+# treated as EBS-only.
+INSTANCE_STORE_FAMILIES = frozenset(
+    {
+        "g4dn",
+        "g5",
+        "g6",
+        "g6e",
+        "g7e",
+        "gr6",
+        "p4d",
+        "p4de",
+        "p5",
+        "p5e",
+        "p5en",
+        "p6-b200",
+        "p6-b300",
+        "trn1",
+        "trn1n",
+        "trn2",
+    }
+)
+
+
+def has_instance_store(instance_type: str) -> bool:
+    """Whether nodes of `instance_type` (e.g. "g6e.12xlarge") have local NVMe instance store."""
+    return instance_type.split(".", 1)[0] in INSTANCE_STORE_FAMILIES
+
+
+def _streamable(md: ModelDeploymentRef, placement: Placement) -> bool:
+    """Whether vLLM's runai_streamer can load these weights: s3:// safetensors (no pickles), an
+    NVIDIA engine (Neuron compiles from a local checkpoint), one node (workers of a multi-node
+    replica fetch the same weights before joining Ray, as runtime/main.py's `auto` lands them)."""
+    return (
+        isinstance(md.spec.model.source, S3Source)
+        and not md.spec.model.trust_pickle
+        and placement.accelerator_vendor == "nvidia"
+        and placement.nodes == 1
+    )
+
+
+def weights_mode(md: ModelDeploymentRef, placement: Placement, config: OperatorConfig) -> str:
+    """The runtime's `--weights`: `land` (fetch to disk, vLLM loads from there) or `stream` (vLLM
+    reads the safetensors from S3 straight into memory).
+
+    Land only where a landed copy pays for itself: the node cache on local NVMe instance store,
+    which serves later pods on the node. Stream s3:// weights where nothing would reuse them (no
+    node cache) or the node has no instance store (EBS only: no node cache there for streamable
+    weights). FSx/EFS/file sources, pickles, Neuron and multi-node always land (`_streamable`).
+    """
+    if not _streamable(md, placement) or _node_cache(md, placement, config):
+        return "land"
+    return "stream"
 
 
 def runtime_args(
@@ -224,7 +283,7 @@ def runtime_args(
     # With the node cache the pod mounts only its model's directory, MODELS_DIR/<key>.
     model_dir = (
         ["--node-cache", MODELS_DIR, "--node-cache-key", node_cache_dir_name(md, config)]
-        if _node_cache(md, config)
+        if _node_cache(md, placement, config)
         else ["--model-dir", f"{MODELS_DIR}/{md.name}"]
     )
     args = [
@@ -237,6 +296,8 @@ def runtime_args(
         str(HTTP_PORT),
         "--metrics-port",
         str(METRICS_PORT),
+        "--weights",
+        weights_mode(md, placement, config),
     ]
     if spec.model.trust_pickle:
         args.append("--trust-pickle")
@@ -290,7 +351,7 @@ def _pod_ephemeral_storage_bytes(
     md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
 ) -> int:
     # Weights in the node cache (a hostPath) are not the pod's ephemeral storage.
-    if _node_cache(md, config):
+    if _node_cache(md, placement, config):
         return min(placement.ephemeral_storage_bytes, EPHEMERAL_BASE_BYTES)
     return placement.ephemeral_storage_bytes
 
@@ -301,8 +362,8 @@ def node_cache_dir_name(md: ModelDeploymentRef, config: OperatorConfig) -> str:
     return node_cache_key(md.spec.model.uri, f"{md.namespace}/{config.service_account}")
 
 
-def _models_mount_path(md: ModelDeploymentRef, config: OperatorConfig) -> str:
-    if _node_cache(md, config):
+def _models_mount_path(md: ModelDeploymentRef, placement: Placement, config: OperatorConfig) -> str:
+    if _node_cache(md, placement, config):
         return f"{MODELS_DIR}/{node_cache_dir_name(md, config)}"
     return MODELS_DIR
 
@@ -360,7 +421,7 @@ def _container_security_context() -> dict[str, Any]:
 def _models_volume(
     md: ModelDeploymentRef, placement: Placement, config: OperatorConfig
 ) -> dict[str, Any]:
-    if _node_cache(md, config):
+    if _node_cache(md, placement, config):
         # One download per node (runtime/nodecache.py), in this model's own directory only: the
         # rest of the cache (other namespaces' weights) is never visible to the pod.
         path = f"{NODE_CACHE_DIR}/{node_cache_dir_name(md, config)}"
@@ -388,7 +449,7 @@ def _volumes_and_mounts(
     ]
     if isinstance(source, S3Source):
         volumes.append(_models_volume(md, placement, config))
-        mounts.append({"name": "models", "mountPath": _models_mount_path(md, config)})
+        mounts.append({"name": "models", "mountPath": _models_mount_path(md, placement, config)})
     elif isinstance(source, VolumeSource):
         volumes.append(
             {
@@ -399,7 +460,9 @@ def _volumes_and_mounts(
         mounts.append({"name": "model-source", "mountPath": MOUNT_ROOT, "readOnly": True})
         if _copy_to_local(md):
             volumes.append(_models_volume(md, placement, config))
-            mounts.append({"name": "models", "mountPath": _models_mount_path(md, config)})
+            mounts.append(
+                {"name": "models", "mountPath": _models_mount_path(md, placement, config)}
+            )
     elif isinstance(source, LocalSource):
         # file:// is for single-node development clusters (kind, minikube): the node's directory,
         # read-only, at the same path, so the runtime reads it in place.
@@ -510,7 +573,7 @@ def _pod_spec(
 ) -> dict[str, Any]:
     volumes, _ = _volumes_and_mounts(md, placement, config)
     init_containers: list[dict[str, Any]] = []
-    if _node_cache(md, config):
+    if _node_cache(md, placement, config):
         volumes.append(
             {"name": "node-cache-root", "hostPath": {"path": NODE_CACHE_DIR, "type": "Directory"}}
         )

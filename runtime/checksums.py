@@ -4,7 +4,7 @@ S3 keeps a checksum per object in one of these forms, best first for a parallel 
 
     crc64nvme / crc32c / crc32      a full-object CRC (FULL_OBJECT, or a single-part object):
                                     each downloaded part is CRC'd in its own worker while it is
-                                    still in cache, and the parts' CRCs are combined
+                                    still in its buffer, and the parts' CRCs are combined
                                     (crc(A || B) from crc(A), crc(B), len(B)): no ordered pass
                                     over the file and no re-read. CRC32C runs at tens of GB/s.
     *-composite                     a CRC or SHA-256 of the upload parts' checksums ("...-N"):

@@ -1,7 +1,8 @@
 """Fetch a model's files to where the engine reads them.
 
-    s3://bucket/prefix    parallel ranged GETs written straight into place (os.pwrite into a
-                          preallocated `<name>.partial`), resumable from a per-file journal of
+    s3://bucket/prefix    parallel ranged GETs written straight into place (O_DIRECT pwrites,
+                          no page-cache copy, into a preallocated `<name>.partial`; the engine
+                          then reads the weights from disk), resumable from a per-file journal of
                           completed parts, verified against the store's checksum, renamed into
                           place when complete; a file already complete is never fetched again.
     fsx:// and efs://     the PersistentVolumeClaim is mounted at `mount_root`; the model is
@@ -15,8 +16,11 @@ reason. Nothing is ever written outside `dest`, and never through a symlink.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -64,6 +68,9 @@ from .selection import (
 )
 
 MIB = 1024 * 1024
+# O_DIRECT needs the buffer's address, the file offset and the length aligned to the device's
+# logical block; 4 KiB covers 512-byte and 4K-native devices.
+DIRECT_ALIGN = 4096
 MANIFEST_NAME = ".modelship-fetch.json"
 PARTIAL_SUFFIX = ".partial"
 JOURNAL_SUFFIX = ".partial.journal"
@@ -645,15 +652,32 @@ class _Segment:
     hasher: Any
     cursor: int = 0
     digest: bytes | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Guards the hasher and cursor; workers wait on it for their part's turn to be hashed.
+    turn: threading.Condition = field(default_factory=threading.Condition)
+
+
+def _aligned(data: memoryview, offset: int) -> bool:
+    """Whether O_DIRECT may transfer `data` at `offset` (buffer address and offset aligned)."""
+    if offset % DIRECT_ALIGN:
+        return False
+    address = _buffer_address(data)
+    return address is not None and address % DIRECT_ALIGN == 0
+
+
+def _buffer_address(data: memoryview) -> int | None:
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):  # read-only or empty buffers
+        return None
 
 
 class _FileJob:
     """Download of one file into `<name>.partial`, with its journal of committed parts.
 
-    A part goes through three states: written (its bytes are in the page cache), committed (a
-    flush covered it and its journal line, with the part's CRC, was written) and, when every
-    part is committed and the file verifies, the file is renamed into place.
+    A part goes through three states: written (its bytes handed to the disk with O_DIRECT, or to
+    the page cache, neither flushed), committed (a flush covered it and its journal line, with
+    the part's CRC, was written) and, when every part is committed and the file verifies, the
+    file is renamed into place.
     """
 
     def __init__(
@@ -699,7 +723,12 @@ class _FileJob:
         # before they are trusted (`check_resumed`).
         self.claimed: dict[int, int] = {}
         self.resumed_bytes = 0
+        # Parts on disk from an earlier run, checked: the in-order hash reads these back.
+        self.resumed_parts: set[int] = set()
         self.fd: int | None = None
+        # The same file opened with O_DIRECT (None where the file system refuses it): aligned
+        # part bytes go from our buffer to the disk without a copy into the page cache.
+        self.direct_fd: int | None = None
         self.journal_fd: int | None = None
         self.finished = False
 
@@ -752,17 +781,13 @@ class _FileJob:
         for index, expected in sorted(self.claimed.items()):
             start, end = self.parts[index]
             data = buffer(end - start)
-            filled = 0
-            while filled < len(data):
-                count = os.preadv(self.fd, [data[filled:]], start + filled)
-                if not count:
-                    break
-                filled += count
+            filled = self.read(data, start)
             value = crc(self.checksum.part_crc, data[:filled])
             if filled == len(data) and value == expected:
                 self.part_crcs[index] = value
                 self.written.add(index)
                 self.committed.add(index)
+                self.resumed_parts.add(index)
             else:
                 rejected += 1
         self.resumed_bytes = sum(self.parts[i][1] - self.parts[i][0] for i in self.committed)
@@ -796,12 +821,63 @@ class _FileJob:
         self.journal_fd = os.open(
             self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         )
+        direct = getattr(os, "O_DIRECT", 0)
+        if direct:
+            with contextlib.suppress(OSError):  # EINVAL: the file system has no O_DIRECT
+                self.direct_fd = os.open(
+                    self.partial_path, os.O_RDWR | direct | os.O_NOFOLLOW | os.O_CLOEXEC
+                )
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Write `data` at `offset`: the aligned head straight to the disk (O_DIRECT), the rest,
+        and everything where direct I/O is refused, through the page cache. Either way the bytes
+        are durable only after the committer's fdatasync (the device's cache is flushed there)."""
+        assert self.fd is not None
+        written = 0
+        direct_fd = self.direct_fd
+        if direct_fd is not None and _aligned(data, offset):
+            head = len(data) - len(data) % DIRECT_ALIGN
+            try:
+                while written < head:
+                    count = os.pwrite(direct_fd, data[written:head], offset + written)
+                    written += count
+                    if count % DIRECT_ALIGN:
+                        break  # a short, unaligned write: finish through the page cache
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self.direct_fd = None  # refused after all: buffered from now on
+                os.close(direct_fd)
+        while written < len(data):
+            written += os.pwrite(self.fd, data[written:], offset + written)
+
+    def read(self, data: memoryview, offset: int) -> int:
+        """Read into `data` from `offset` (O_DIRECT when aligned: no page cache filled); returns
+        how many bytes were read, fewer only at the end of the file."""
+        assert self.fd is not None
+        filled = 0
+        direct_fd = self.direct_fd
+        if direct_fd is not None and _aligned(data, offset):
+            head = len(data) - len(data) % DIRECT_ALIGN
+            with contextlib.suppress(OSError):  # refused: read through the page cache
+                while filled < head:
+                    count = os.preadv(direct_fd, [data[filled:head]], offset + filled)
+                    filled += count
+                    if not count or count % DIRECT_ALIGN:
+                        break
+        while filled < len(data):
+            count = os.preadv(self.fd, [data[filled:]], offset + filled)
+            if not count:
+                break
+            filled += count
+        return filled
 
     def close(self) -> None:
-        for fd in (self.fd, self.journal_fd):
+        for fd in (self.fd, self.direct_fd, self.journal_fd):
             if fd is not None:
                 os.close(fd)
         self.fd = None
+        self.direct_fd = None
         self.journal_fd = None
 
     def discard(self) -> None:
@@ -901,15 +977,37 @@ class _Engine:
         self.jobs: list[_FileJob] = []
         self.committer = _Committer(self._maybe_finish_guarded, self._fail)
 
-    def buffer(self, size: int) -> memoryview:
-        # One reusable buffer per worker: no per-part allocation of part-sized bytes.
-        current: bytearray | None = getattr(self.local, "buffer", None)
+    def buffer(self, size: int, name: str = "buffer") -> memoryview:
+        """A reusable, page-aligned (O_DIRECT-ready) buffer per worker and `name`: no per-part
+        allocation of part-sized bytes."""
+        current: mmap.mmap | None = getattr(self.local, name, None)
         if current is None or len(current) < size:
-            current = bytearray(max(size, self.part_size_bytes))
-            self.local.buffer = current
+            current = mmap.mmap(-1, max(size, self.part_size_bytes, 1))
+            setattr(self.local, name, current)
         return memoryview(current)[:size]
 
-    def submit(self, job: _FileJob) -> None:
+    def submit(self, jobs: list[_FileJob]) -> None:
+        """Open the files and queue their parts: file by file, except that the parts of files
+        hashed in order (MD5, SHA-256) are queued round-robin across those files, so their
+        hashes (one core each, serial within a file) run side by side instead of one file at a
+        time. Either way each file's parts are queued in order, which `_advance` relies on."""
+        todos = [self._open(job) for job in jobs]
+        for job, todo in zip(jobs, todos, strict=True):
+            if not job.checksum.hashed_in_order:
+                for index in todo:
+                    self.pool.submit(self._guard, self._part, job, index)
+        in_order = [
+            (job, todo)
+            for job, todo in zip(jobs, todos, strict=True)
+            if job.checksum.hashed_in_order
+        ]
+        for position in range(max((len(todo) for _, todo in in_order), default=0)):
+            for job, todo in in_order:
+                if position < len(todo):
+                    self.pool.submit(self._guard, self._part, job, todo[position])
+
+    def _open(self, job: _FileJob) -> list[int]:
+        """Open one file, check what an earlier run left; return the parts still to fetch."""
         with self.condition:
             self.pending_files += 1
             self.jobs.append(job)
@@ -927,8 +1025,7 @@ class _Engine:
         if job.committed or not todo:
             # Parts on disk from an earlier run (or none at all): hash them, finish if complete.
             self.pool.submit(self._guard, self._advance_all, job)
-        for index in todo:
-            self.pool.submit(self._guard, self._part, job, index)
+        return todo
 
     def _fail(self, error: BaseException) -> None:
         with self.condition:
@@ -955,12 +1052,9 @@ class _Engine:
         buffer = self.buffer(end - start)
         if end > start:
             self.reader.read_into(job.remote, start, buffer)
-            assert job.fd is not None
-            written = 0
-            while written < len(buffer):
-                written += os.pwrite(job.fd, buffer[written:], start + written)
+            job.write(buffer, start)
             self.counters.add_bytes(end - start)
-        # While the part is still in cache: its CRC, for the journal and for CRC verification.
+        # While the part is still in our buffer: its CRC, for the journal and CRC verification.
         job.part_crcs[index] = crc(job.checksum.part_crc, buffer)
         with job.lock:
             job.written.add(index)
@@ -976,38 +1070,44 @@ class _Engine:
     def _advance(
         self, job: _FileJob, segment_index: int, own_index: int, own_data: memoryview | None
     ) -> None:
-        """Hash the segment's written parts in order; whoever holds the lock does the work."""
+        """Hash the segment's parts in order (MD5 and SHA-256 cannot be combined from parts).
+
+        Each worker hashes its own part from its buffer when the part's turn comes, waiting for
+        it: no part is read back from disk, and the waiting is the backpressure that keeps the
+        download at the hash's pace with at most one buffer per worker. Parts resumed from an
+        earlier run (no worker holds them) are read back by whoever reaches them. Parts are
+        queued in order, so every part before ours is held by a worker that got it earlier, or
+        resumed: the wait ends (or the fetch aborts)."""
         if not job.checksum.hashed_in_order:
             return
         segment = job.segments[segment_index]
-        while True:
-            if not segment.lock.acquire(blocking=False):
-                return
-            try:
-                while (
-                    segment.cursor < len(segment.parts)
-                    and segment.parts[segment.cursor] in job.written
-                ):
+        with segment.turn:
+            while True:
+                while segment.cursor < len(segment.parts):
                     index = segment.parts[segment.cursor]
                     if index == own_index and own_data is not None:
                         segment.hasher.update(own_data)
-                    else:
+                        own_data = None
+                    elif index in job.resumed_parts:
                         start, end = job.parts[index]
-                        assert job.fd is not None
-                        segment.hasher.update(os.pread(job.fd, end - start, start))
+                        scratch = self.buffer(end - start, "scratch")
+                        if job.read(scratch, start) != end - start:
+                            raise FetchError(f"{job.partial_path}: shorter than written")
+                        segment.hasher.update(scratch)
+                    else:
+                        break  # a worker still holds it
                     segment.cursor += 1
-                if segment.cursor == len(segment.parts) and segment.digest is None:
-                    segment.digest = segment.hasher.digest()
-            finally:
-                segment.lock.release()
-            # A part may have completed while we held the lock and found it taken: look again.
-            if (
-                segment.cursor == len(segment.parts)
-                or segment.parts[segment.cursor] not in job.written
-            ):
-                if segment.cursor == len(segment.parts):
-                    self._maybe_finish(job)
-                return
+                segment.turn.notify_all()
+                if own_data is None:
+                    break
+                if self.abort.is_set():
+                    raise _Aborted()
+                segment.turn.wait(timeout=0.5)
+            done = segment.cursor == len(segment.parts)
+            if done and segment.digest is None:
+                segment.digest = segment.hasher.digest()
+        if done:
+            self._maybe_finish(job)
 
     def _maybe_finish(self, job: _FileJob) -> None:
         with job.lock:
@@ -1054,7 +1154,7 @@ class _Engine:
                 retry = _FileJob(
                     job.remote, job.final_path, job.checksum, job.part_size_bytes, attempt=1
                 )
-                self.submit(retry)
+                self.submit([retry])
                 self._file_done()
                 return
             raise FetchError(
@@ -1345,8 +1445,7 @@ def _run_transfer(
         engine = _Engine(reader, manifest, counters, abort, workers, part_size_bytes, uri)
         progress = _Progress(uri, selection.total_bytes, counters, metrics, log)
         try:
-            for job in jobs:
-                engine.submit(job)
+            engine.submit(jobs)
         except BaseException:
             abort.set()
             engine.shutdown()

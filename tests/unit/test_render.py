@@ -20,9 +20,11 @@ from modelship.operator.render import (
     Rendered,
     RenderError,
     endpoint_url,
+    has_instance_store,
     node_cache_dir_name,
     render,
     render_documents,
+    weights_mode,
 )
 from modelship.operator.source import S3Source
 from modelship.runtime.main import parse_args
@@ -508,6 +510,8 @@ def test_runtime_args_for_s3_gpu() -> None:
         "8000",
         "--metrics-port",
         "9400",
+        "--weights",
+        "land",
         "--device",
         "cuda",
         "--ready-timeout-seconds",
@@ -1194,3 +1198,51 @@ def test_the_node_class_prepares_the_node_cache_for_the_runtime_user(tmp_path: A
         path = tmp_path / name
         path.write_text(text)
         subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+# A g5g (Graviton + T4G) node has no instance store: EBS only.
+LLAMA_8B_EBS = placement("g5g.xlarge", weight_bytes=16 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("ref", "chosen", "node_cache", "expected"),
+    [
+        # The node cache on local NVMe serves later pods: land.
+        (md(), LLAMA_8B_L4, "enabled", "land"),
+        (md(), LLAMA_70B_A100, "enabled", "land"),
+        # Nothing on the node would reuse a landed copy: stream.
+        (md(), LLAMA_8B_L4, "disabled", "stream"),
+        # EBS only: stream, cache or not.
+        (md(), LLAMA_8B_EBS, "enabled", "stream"),
+        (md(), LLAMA_8B_EBS, "disabled", "stream"),
+        # What the streamer cannot load lands: volumes, pickles, Neuron, multi-node.
+        (md(uri="fsx://models-lustre/llama"), LLAMA_8B_EBS, "disabled", "land"),
+        (md(uri="efs://models-efs/llama"), LLAMA_8B_EBS, "enabled", "land"),
+        (md(model={"trustPickle": True}), LLAMA_8B_EBS, "disabled", "land"),
+        (md(), LLAMA_8B_INF2, "disabled", "land"),
+        (md(), LLAMA_405B_H100, "disabled", "land"),
+    ],
+)
+def test_weights_mode_per_source_and_node(
+    ref: ModelDeploymentRef, chosen: Placement, node_cache: str, expected: str
+) -> None:
+    chosen_config = config(node_cache=node_cache, node_pool_mode="none")
+    assert weights_mode(ref, chosen, chosen_config) == expected
+    for pod_spec in pod_specs(render(ref, chosen, chosen_config)):
+        args, _ = parse_args(runtime(pod_spec)["args"], env={})
+        assert args.weights == expected
+        if expected == "stream":
+            # Streaming needs a per-pod model directory for config and tokenizer, never the cache.
+            assert args.node_cache is None
+            assert str(args.model_dir) == f"/models/{ref.name}"
+            volumes = {v["name"]: v for v in pod_spec["volumes"]}
+            assert "emptyDir" in volumes["models"]
+            assert "node-cache-root" not in volumes
+
+
+def test_instance_store_families() -> None:
+    assert has_instance_store("g6e.12xlarge")
+    assert has_instance_store("p6-b200.48xlarge")
+    assert has_instance_store("trn1.32xlarge")
+    assert not has_instance_store("inf2.8xlarge")
+    assert not has_instance_store("g5g.xlarge")
