@@ -546,7 +546,9 @@ def transitions(previous: Mapping[str, Any], status: Mapping[str, Any]) -> list[
                 ),
             )
         )
-    if phase_changed:
+    if phase_changed and (previous.get("phase"), status.get("phase")) != (None, "Pending"):
+        # A new ModelDeployment is Pending first, always: no news (its placement Event says
+        # what was decided); every later phase is.
         phase = str(status.get("phase"))
         events.append(
             Transition(
