@@ -94,11 +94,11 @@ MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECT
 # Watch events ask for status refreshes through a queue (workqueue.py): each key waits this long,
 # folding the burst of events a new or changing ModelDeployment brings into one refresh.
 REFRESH_DELAY_SECONDS = 1.0
+REFRESH_WORKERS = 8
 KUBE_TIMEOUT_SECONDS = 30.0  # one API request, at most (apply.Kube)
 # The reconciling clients of the running kopf (made at its start-up), halted when the Lease is
 # lost (see run_elected).
 _RECONCILING: list[Kube] = []
-REFRESH_WORKERS = 8
 RESOURCE = (GROUP, VERSION, PLURAL)
 MD_KIND = Kind(f"{GROUP}/{VERSION}", "ModelDeployment", PLURAL, True)
 CHILD_RESOURCES: tuple[tuple[str, ...], ...] = (

@@ -67,7 +67,7 @@ class WorkQueue:
         self._condition.notify()
 
     def idle(self) -> bool:
-        """Nothing waiting or running (for tests and shutdown)."""
+        """Nothing waiting or running (the tests wait for it)."""
         with self._condition:
             return not self._due and not self._running
 
