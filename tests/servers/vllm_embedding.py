@@ -138,15 +138,11 @@ def embedding_vllm(
 ) -> Iterator[EmbeddingVllm]:
     """The runtime (fetch from SeaweedFS, verify, launch) serving the tiny embedding model."""
     # Imported here: a plugin module importing another at load time defeats assert rewriting.
-    from tests.servers.vllm_server import running_runtime
+    from tests.servers.vllm_server import running_runtime, upload_model
 
     workdir = tmp_path_factory.mktemp("embedding-vllm")
     source_dir = build_mean_pooling_model(workdir / "source")
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    for path in sorted(source_dir.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), BUCKET, f"{PREFIX}/{path.relative_to(source_dir)}")
+    upload_model(s3_server, source_dir, BUCKET, PREFIX)
     port, metrics_port = free_port(), free_port()
     status_path = workdir / "status.json"
     log_path = workdir / "runtime.log"

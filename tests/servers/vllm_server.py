@@ -67,6 +67,15 @@ def _wait_ready(process: subprocess.Popen[bytes], status_path: Path, log_path: P
 
 
 @contextlib.contextmanager
+def upload_model(s3_server: Any, source_dir: Path, bucket: str, prefix: str) -> None:
+    """Every file under `source_dir` to s3://bucket/prefix/ (a new bucket), keeping its path."""
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    for path in sorted(source_dir.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(source_dir)}")
+
+
 def running_runtime(
     command: list[str], s3_server: Any, status_path: Path, log_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
@@ -103,10 +112,7 @@ def runtime_vllm(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> It
     """Start the runtime (and through it vLLM) once; stop both at the end of the session."""
     workdir = tmp_path_factory.mktemp("runtime-vllm")
     source_dir = build_tiny_model(workdir / "source")
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    for path in sorted(source_dir.iterdir()):
-        client.upload_file(str(path), BUCKET, f"{PREFIX}/{path.name}")
+    upload_model(s3_server, source_dir, BUCKET, PREFIX)
 
     port, metrics_port = free_port(), free_port()
     status_path = workdir / "status.json"
