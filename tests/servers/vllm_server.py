@@ -66,7 +66,6 @@ def _wait_ready(process: subprocess.Popen[bytes], status_path: Path, log_path: P
     raise RuntimeError(f"runtime not ready within {READY_TIMEOUT_SECONDS:.0f} s:\n{tail}")
 
 
-@contextlib.contextmanager
 def upload_model(s3_server: Any, source_dir: Path, bucket: str, prefix: str) -> None:
     """Every file under `source_dir` to s3://bucket/prefix/ (a new bucket), keeping its path."""
     client = s3_server.client()
@@ -76,6 +75,7 @@ def upload_model(s3_server: Any, source_dir: Path, bucket: str, prefix: str) -> 
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(source_dir)}")
 
 
+@contextlib.contextmanager
 def running_runtime(
     command: list[str], s3_server: Any, status_path: Path, log_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
