@@ -10,7 +10,8 @@
 - Watches wake the owner, as controller-runtime's `Owns()` does: a child deleted or edited by
   hand is restored at once; a changed workload, pod or NodeClaim refreshes status (written only
   when it changed). Pods, NodeClaims and ModelDeployments are read from kopf indexes, so an idle
-  ModelDeployment costs no requests. A slow timer (MODELSHIP_RESYNC_SECONDS) is the safety net.
+  ModelDeployment costs no requests. A slow resync (MODELSHIP_RESYNC_SECONDS; one thread,
+  spread evenly over the period) is the safety net.
 - Node pools are aggregates: the `pool_users` index maps each pool to the ModelDeployments that
   want it (current placement, and the previous one until the new workload is rolled out: make
   before break); a pool is applied as their combination and deleted when nobody wants it. A
@@ -82,12 +83,10 @@ from .render import (
 from .sizing import make_plan
 from .source import S3Source
 from .status import Failure, ReconcileFacts, StatusUpdate, build_status
-from .workqueue import WorkQueue
+from .workqueue import Resyncer, WorkQueue
 
 FINALIZER = "modelship.dev/finalizer"
 LAST_GOOD = "modelship.dev/last-good"
-# The timer interval is fixed when kopf registers the handler, so it is read at import.
-RESYNC_SECONDS = load_config().resync_seconds
 RETRY_SECONDS = 10
 MAX_RETRY_SECONDS = 300
 MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECTIONS matches)
@@ -158,6 +157,8 @@ class State:
     # Refreshes asked for by watch events, and kopf's indexes they read (the same live objects
     # in every handler's kwargs).
     queue: WorkQueue | None = None
+    pool_queue: WorkQueue | None = None
+    resyncer: Resyncer | None = None
     indexes: Mapping[str, Any] = field(default_factory=dict)
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -674,8 +675,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
     settings.execution.max_workers = MAX_WORKERS
-    # A deleted ModelDeployment waits for its timer to stop: check every second, not every 60.
-    settings.background.cancellation_polling = 1
     node_groups = NodeGroups(config) if config.node_pool_mode == "eks-nodegroup" else None
     kube = Kube.from_environment(timeout_seconds=KUBE_TIMEOUT_SECONDS)
     _RECONCILING.append(kube)
@@ -691,6 +690,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         lambda key: refresh(context, state, cast(Key, key), state.indexes),
         delay=REFRESH_DELAY_SECONDS,
         workers=REFRESH_WORKERS,
+    )
+    # A pool's users change in bursts (a thousand new ModelDeployments of one instance type):
+    # its combination is applied at most once per delay, from one thread.
+    state.pool_queue = WorkQueue(
+        lambda pool: combine_pool(context, state, str(pool)),
+        delay=REFRESH_DELAY_SECONDS,
+        workers=1,
+    )
+    state.resyncer = Resyncer(
+        lambda key: resync_in_kopf_context(context, state, cast(Key, key)),
+        lambda: index_keys(state, "model_deployments"),
+        config.resync_seconds,
     )
     # The activator is not served here: it runs as its own Deployment (`modelship activator`,
     # helm/modelship/templates/activator.yaml), so a flood of requests cannot starve reconciles.
@@ -710,6 +721,10 @@ async def stop_refreshing(memo: kopf.Memo, **_: Any) -> None:
     state: State | None = getattr(memo, "state", None)
     if state is not None and state.queue is not None:
         state.queue.close()
+    if state is not None and state.pool_queue is not None:
+        state.pool_queue.close()
+    if state is not None and state.resyncer is not None:
+        state.resyncer.stop()
 
 
 @kopf.on.login()
@@ -910,18 +925,17 @@ def reconcile(
         raise kopf.PermanentError(failure.message)
 
 
-@kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+def resync(context: Context, state: State, key: Key) -> None:
     """The safety net: re-apply the last good children and pools, refresh status."""
-    context: Context = memo.context
-    state: State = memo.state
-    key = key_of(body)
+    indexes = state.indexes
+    mds = _index_list(indexes.get("model_deployments"), key)
+    if not mds or mds[0]["metadata"].get("deletionTimestamp"):
+        return  # gone, or being deleted: cleanup owns it now
     last = state.acted.get(key, (0, None))[1]
-    indexes = _indexes(kwargs)
     lock = state.lock(key)
     if last is not None and lock.acquire(blocking=False):
         try:
-            apply_last_good(context, state, body, last, indexes["pool_users"], prune=False)
+            apply_last_good(context, state, mds[0], last, indexes["pool_users"], prune=False)
         except (KubeApiError, RenderError) as error:
             logger.warning("resync of %s/%s: %s", key[0], key[1], error)
         finally:
@@ -936,6 +950,27 @@ def resync(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
             state.measured_kv[key] = measured
             METRICS.set_measured_kv(key[0], key[1], measured)
     refresh(context, state, key, indexes)
+
+
+def resync_in_kopf_context(context: Context, state: State, key: Key) -> None:
+    """kopf.event() needs the context of kopf's handlers, which the refresh queue captured from
+    the first watch event (before any, there is no ModelDeployment to resync)."""
+    kopf_context = state.queue.context if state.queue is not None else None
+    if kopf_context is not None:
+        kopf_context.copy().run(resync, context, state, key)
+    else:
+        resync(context, state, key)
+
+
+def index_keys(state: State, name: str) -> list[Any]:
+    """The keys of one of kopf's indexes, read from another thread."""
+    index = state.indexes.get(name)
+    while index is not None:
+        try:
+            return sorted(index.keys())
+        except RuntimeError:  # the event loop changed the index meanwhile: read it again
+            continue
+    return []
 
 
 # ---- watches of children, pods, node claims and pools -----------------------------------------
@@ -1017,12 +1052,37 @@ for _resource in CHILD_RESOURCES:
 
 @kopf.on.event(*RESOURCE)
 async def model_deployment_changed(
-    event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    **kwargs: Any,
 ) -> None:
     """The ModelDeployment itself changed (its last good plan, or status another handler
-    wrote before the watches caught up): recompute status; nothing is written if it holds."""
-    if event.get("type") is not None:
-        wake(memo.state, (namespace or "", name), _indexes(kwargs))
+    wrote before the watches caught up): recompute status; nothing is written if it holds.
+    Its pools are combined again once the index holds its plan: two users reconciled at the
+    same moment each applied the pool without the other (the index had neither yet)."""
+    if event.get("type") is None:
+        return
+    state: State = memo.state
+    wake(state, (namespace or "", name), _indexes(kwargs))
+    last = LastGood.from_body(body)
+    if last is not None and state.pool_queue is not None:
+        for pool, _ in pools_of(last):
+            state.pool_queue.add(pool)
+
+
+def combine_pool(context: Context, state: State, pool: str) -> None:
+    """Apply `pool` as the combination of the users the index holds now (nothing is sent if
+    this process applied that combination already; a pool nobody wants is cleanup's)."""
+    index = state.indexes.get("pool_users")
+    if not _index_list(index, pool):
+        return
+    try:
+        sync_pools(context, state, index, [pool], "", None)
+    except KubeApiError as error:
+        logger.warning("could not apply pool %s: %s", pool, error)
 
 
 @kopf.on.event("replicasets.apps", labels={MD_LABEL: kopf.PRESENT})

@@ -1,4 +1,5 @@
-"""A delaying, de-duplicating work queue: the status refreshes that watch events ask for.
+"""A delaying, de-duplicating work queue (the status refreshes that watch events ask for), and
+the periodic resync.
 
 A new ModelDeployment brings a burst of watch events (its Deployment, ReplicaSet, pod, Service and
 PodMonitor each change several times within a second or two), and every one of them asks for
@@ -109,3 +110,44 @@ class WorkQueue:
                     if key in self._again and not self._closed:
                         self._again.discard(key)
                         self._push(key)
+
+
+class Resyncer:
+    """One thread runs `run(key)` for every key once per `period`, spread evenly over it.
+
+    kopf's per-object timers (what this replaced) keep an asyncio task, its coroutines and a
+    fresh copy of the whole object for every ModelDeployment for as long as it exists, and fire
+    in waves: objects created together are resynced together. Here the keys are read at the
+    start of each pass and taken one at a time, so an idle cluster sees a steady trickle, and a
+    pass that overruns (a slow API server) only delays the next one. The first pass starts one
+    period after start-up: the resume handlers have just reconciled everything."""
+
+    def __init__(
+        self, run: Callable[[Hashable], None], keys: Callable[[], list[Hashable]], period: float
+    ) -> None:
+        self._run = run
+        self._keys = keys
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="resync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        if self._stop.wait(self._period):
+            return
+        while True:
+            started = time.monotonic()
+            keys = self._keys()
+            for position, key in enumerate(keys):
+                due = started + self._period * position / len(keys)
+                if self._stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                try:
+                    self._run(key)
+                except Exception:  # resync logs its own API errors; anything else is a bug
+                    logger.exception("resync of %s failed", key)
+            if self._stop.wait(max(0.0, started + self._period - time.monotonic())):
+                return

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Hashable
 
-from modelship.operator.workqueue import WorkQueue
+from modelship.operator.workqueue import Resyncer, WorkQueue
 
 
 def wait_idle(queue: WorkQueue, timeout: float = 5.0) -> None:
@@ -113,3 +113,49 @@ def test_runs_see_the_context_variables_of_the_creator() -> None:
         assert seen == ["kopf's settings"] * 2
     finally:
         queue.close()
+
+
+def test_resync_spreads_every_key_over_the_period_and_survives_a_failing_run() -> None:
+    period = 0.6
+    keys: list[Hashable] = ["a", "b", "c"]
+    runs: list[tuple[Hashable, float]] = []
+
+    def run(key: Hashable) -> None:
+        runs.append((key, time.monotonic()))
+        if key == "b":
+            raise RuntimeError("one key's bug must not stop the others")
+
+    started = time.monotonic()
+    resyncer = Resyncer(run, lambda: list(keys), period)
+
+    def wait_runs(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(runs) < count:
+            assert time.monotonic() < deadline, f"only {len(runs)} runs"
+            time.sleep(0.01)
+
+    try:
+        time.sleep(period * 0.9)
+        assert runs == []  # the first pass starts one period after start-up
+        wait_runs(4)
+        keys.append("d")  # the keys are read at the start of each pass: "d" joins the third
+        wait_runs(10)
+    finally:
+        resyncer.stop()
+    assert [key for key, _ in runs[:10]] == ["a", "b", "c"] * 2 + ["a", "b", "c", "d"]
+    at = [moment - started for _, moment in runs]
+    assert at[0] >= period
+    # one key every period / 3, not all at once; each pass a period after the one before
+    assert abs((at[1] - at[0]) - period / 3) < 0.15
+    assert abs((at[2] - at[1]) - period / 3) < 0.15
+    assert abs((at[3] - at[0]) - period) < 0.15
+    assert abs((at[7] - at[6]) - period / 4) < 0.15
+
+
+def test_resync_stops_between_keys() -> None:
+    runs: list[Hashable] = []
+    resyncer = Resyncer(runs.append, lambda: ["a", "b"], 0.2)
+    time.sleep(0.25)  # first key ran at 0.2 s, the second is due at 0.3 s
+    resyncer.stop()
+    time.sleep(0.3)
+    assert runs == ["a"]
