@@ -38,6 +38,8 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 # Co-owns spec.replicas while it is handed from the fixed count to an autoscaler.
 HANDOVER_MANAGER = "modelship-handover"
 KARPENTER_POOL_LABEL = "karpenter.sh/nodepool"
+# One API request, at most: a hung connection fails (and is retried), it is not waited on.
+REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 class KubeApiError(Exception):
@@ -141,7 +143,7 @@ def describe(obj: Mapping[str, Any]) -> str:
 class Kube:
     """A thin REST layer over `kubernetes.client.ApiClient`: JSON in, JSON out, errors raised."""
 
-    def __init__(self, api_client: Any, timeout_seconds: float = 30) -> None:
+    def __init__(self, api_client: Any, timeout_seconds: float = REQUEST_TIMEOUT_SECONDS) -> None:
         self.api_client = api_client
         self.timeout_seconds = timeout_seconds
         self._halted = threading.Event()
@@ -153,7 +155,7 @@ class Kube:
         self._halted.set()
 
     @classmethod
-    def from_environment(cls, timeout_seconds: float = 30) -> Kube:
+    def from_environment(cls, timeout_seconds: float = REQUEST_TIMEOUT_SECONDS) -> Kube:
         """Credentials from the pod's service account, else from $KUBECONFIG / ~/.kube/config."""
         import kubernetes
 

@@ -47,6 +47,7 @@ from .api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, check_n
 from .apply import (
     KARPENTER_POOL_LABEL,
     MD_LABEL,
+    REQUEST_TIMEOUT_SECONDS,
     WORKLOAD_KINDS,
     Kind,
     Kube,
@@ -94,7 +95,6 @@ MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECT
 # folding the burst of events a new or changing ModelDeployment brings into one refresh.
 REFRESH_DELAY_SECONDS = 1.0
 REFRESH_WORKERS = 8
-KUBE_TIMEOUT_SECONDS = 30.0  # one API request, at most (apply.Kube)
 # The reconciling clients of the running kopf (made at its start-up), halted when the Lease is
 # lost (see run_elected).
 _RECONCILING: list[Kube] = []
@@ -676,7 +676,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
     settings.execution.max_workers = MAX_WORKERS
     node_groups = NodeGroups(config) if config.node_pool_mode == "eks-nodegroup" else None
-    kube = Kube.from_environment(timeout_seconds=KUBE_TIMEOUT_SECONDS)
+    kube = Kube.from_environment()
     _RECONCILING.append(kube)
     memo.context = Context(
         config=config,
@@ -1312,7 +1312,7 @@ async def run_elected(config: OperatorConfig, health_address: str | None, health
             _RECONCILING.pop().halt()
         # A replica that neither reconciles nor stands by helps nobody: past the bound, exit and
         # let the Deployment restart it as a candidate (the Lease is not ours any more anyway).
-        bound = KUBE_TIMEOUT_SECONDS + max(10.0, 2 * lease.lease_seconds)
+        bound = REQUEST_TIMEOUT_SECONDS + max(10.0, 2 * lease.lease_seconds)
         done, _ = await asyncio.wait({running}, timeout=bound)
         if not done:
             logger.error("kopf did not stop within %.0fs of losing the Lease; exiting", bound)

@@ -356,6 +356,31 @@ def stop(process: subprocess.Popen[bytes], grace_seconds: float) -> None:
         process.wait()
 
 
+def reap_group_of(*markers: str, timeout_seconds: float = 15.0) -> None:
+    """SIGKILL the process group of every process whose command line holds all `markers`."""
+
+    def matching() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if all(marker in cmdline for marker in markers):
+                found.append(int(entry.name))
+        return found
+
+    deadline = time.monotonic() + timeout_seconds
+    while (pids := matching()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+        time.sleep(0.5)
+    assert not matching(), f"processes left after the test: {matching()}"
+
+
 def _tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
@@ -409,6 +434,10 @@ def runtime_serving(
             yield ServingRuntime(base_url, f"http://127.0.0.1:{metrics_port}/metrics", log_path)
         finally:
             stop(process, grace_seconds=90)  # the runtime forwards SIGTERM to vLLM
+            # `buildah run` (chroot isolation, no PID namespace) kills the runtime on SIGTERM
+            # before the runtime has stopped vLLM, which runs in a session of its own; a pod's
+            # container is killed whole, this is not. Reap what is left of this one's vLLM.
+            reap_group_of(f"--port\0{port}\0", "vllm")
 
 
 def _answers(url: str) -> bool:
