@@ -68,6 +68,8 @@ from .selection import (
 )
 
 MIB = 1024 * 1024
+# Parts of an MD5/SHA-256 file downloaded ahead of its in-order hash, in all (spare buffers).
+HASH_AHEAD_BYTES = 128 * MIB
 # O_DIRECT needs the buffer's address, the file offset and the length aligned to the device's
 # logical block; 4 KiB covers 512-byte and 4K-native devices.
 DIRECT_ALIGN = 4096
@@ -652,8 +654,12 @@ class _Segment:
     hasher: Any
     cursor: int = 0
     digest: bytes | None = None
-    # Guards the hasher and cursor; workers wait on it for their part's turn to be hashed.
+    # Guards everything below; workers wait on it for their part to be hashed.
     turn: threading.Condition = field(default_factory=threading.Condition)
+    # Parts received and not hashed yet: index -> (data, the parked buffer to recycle or None).
+    ready: dict[int, tuple[memoryview, mmap.mmap | None]] = field(default_factory=dict)
+    hashing: bool = False  # a thread is running the chain (hashing from the cursor on)
+    position: dict[int, int] = field(default_factory=dict)  # part index -> place in `parts`
 
 
 def _aligned(data: memoryview, offset: int) -> bool:
@@ -712,6 +718,7 @@ class _FileJob:
                 self.parts.append((start, end))
                 self.segment_of_part.append(len(self.segments))
                 start = end
+            segment.position = {index: place for place, index in enumerate(segment.parts)}
             self.segments.append(segment)
             segment_start = segment_end
             if remote.size_bytes == 0:
@@ -968,11 +975,17 @@ class _Engine:
         self.counters = counters
         self.abort = abort
         self.part_size_bytes = part_size_bytes
+        self.workers = workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
         self.condition = threading.Condition()
         self.pending_files = 0
         self.error: BaseException | None = None
         self.local = threading.local()
+        # Spare buffers a worker swaps its own for when its part must wait to be hashed in
+        # order (MD5, SHA-256): it goes on downloading instead of waiting for the hash.
+        self.spares: list[mmap.mmap] = []
+        self.spare_budget = max(2, HASH_AHEAD_BYTES // max(part_size_bytes, 1))
+        self.spare_lock = threading.Lock()
         self.fetched: list[str] = []
         self.jobs: list[_FileJob] = []
         self.committer = _Committer(self._maybe_finish_guarded, self._fail)
@@ -1001,6 +1014,11 @@ class _Engine:
             for job, todo in zip(jobs, todos, strict=True)
             if job.checksum.hashed_in_order
         ]
+        if len(in_order) >= self.workers:
+            # Round-robin over at least as many files as workers: no two parts of one file are
+            # in flight together, so no part waits for an earlier one and nothing is parked
+            # (measured: spares there only cost, 655 vs 717 MB/s on 16 x 256 MiB).
+            self.spare_budget = 0
         for position in range(max((len(todo) for _, todo in in_order), default=0)):
             for job, todo in in_order:
                 if position < len(todo):
@@ -1067,39 +1085,59 @@ class _Engine:
             self._advance(job, segment_index, -1, None)
         self._maybe_finish(job)
 
+    def _park(self) -> mmap.mmap | None:
+        """Swap this worker's buffer for a spare; return the worker's (now parked) buffer, or
+        None when every spare is in use (the caller waits for its hash instead)."""
+        own: mmap.mmap | None = getattr(self.local, "buffer", None)
+        if own is None:
+            return None
+        with self.spare_lock:
+            if self.spares:
+                spare = self.spares.pop()
+            elif self.spare_budget > 0:  # spares are made as they are first needed
+                self.spare_budget -= 1
+                spare = mmap.mmap(-1, len(own))
+            else:
+                return None
+        self.local.buffer = spare
+        return own
+
+    def _recycle(self, parked: mmap.mmap) -> None:
+        with self.spare_lock:
+            self.spares.append(parked)
+
     def _advance(
         self, job: _FileJob, segment_index: int, own_index: int, own_data: memoryview | None
     ) -> None:
         """Hash the segment's parts in order (MD5 and SHA-256 cannot be combined from parts).
 
-        Each worker hashes its own part from its buffer when the part's turn comes, waiting for
-        it: no part is read back from disk, and the waiting is the backpressure that keeps the
-        download at the hash's pace with at most one buffer per worker. Parts resumed from an
-        earlier run (no worker holds them) are read back by whoever reaches them. Parts are
-        queued in order, so every part before ours is held by a worker that got it earlier, or
-        resumed: the wait ends (or the fetch aborts)."""
+        One thread at a time runs the chain: it hashes from the cursor on while the next part
+        has arrived (the lock is not held while hashing). A worker whose part arrived early
+        parks its buffer with the part (taking a spare, HASH_AHEAD_BYTES in all) and goes on
+        downloading: the hash never waits for a download that a waiting worker could have
+        started. With no spare left it waits for its part to be hashed, which is the
+        backpressure. Parts resumed from an earlier run (no worker holds them) are read back
+        by the chain. Parts are queued in order, so every part before ours is held by a worker
+        that got it earlier, parked, or resumed: the chain reaches ours (or the fetch aborts)."""
         if not job.checksum.hashed_in_order:
             return
         segment = job.segments[segment_index]
         with segment.turn:
+            if own_data is not None:
+                segment.ready[own_index] = (own_data, None)
+            own_place = segment.position.get(own_index, -1) if own_data is not None else -1
             while True:
-                while segment.cursor < len(segment.parts):
-                    index = segment.parts[segment.cursor]
-                    if index == own_index and own_data is not None:
-                        segment.hasher.update(own_data)
-                        own_data = None
-                    elif index in job.resumed_parts:
-                        start, end = job.parts[index]
-                        scratch = self.buffer(end - start, "scratch")
-                        if job.read(scratch, start) != end - start:
-                            raise FetchError(f"{job.partial_path}: shorter than written")
-                        segment.hasher.update(scratch)
-                    else:
-                        break  # a worker still holds it
-                    segment.cursor += 1
-                segment.turn.notify_all()
-                if own_data is None:
-                    break
+                if not segment.hashing and self._next_hashable(job, segment):
+                    self._run_chain(job, segment)
+                if segment.cursor > own_place:
+                    break  # ours is hashed (or we had none)
+                if own_index in segment.ready and segment.ready[own_index][1] is None:
+                    # Not taken by the chain yet (another thread runs it, or an earlier part
+                    # is still downloading): leave it with its buffer and go on downloading.
+                    parked = self._park()
+                    if parked is not None:
+                        segment.ready[own_index] = (segment.ready[own_index][0], parked)
+                        return  # the chain hashes it and recycles the buffer
                 if self.abort.is_set():
                     raise _Aborted()
                 segment.turn.wait(timeout=0.5)
@@ -1108,6 +1146,38 @@ class _Engine:
                 segment.digest = segment.hasher.digest()
         if done:
             self._maybe_finish(job)
+
+    def _next_hashable(self, job: _FileJob, segment: _Segment) -> bool:
+        if segment.cursor >= len(segment.parts):
+            return False
+        index = segment.parts[segment.cursor]
+        return index in segment.ready or index in job.resumed_parts
+
+    def _run_chain(self, job: _FileJob, segment: _Segment) -> None:
+        """Hash from the cursor while the next part is there; called and returns with the
+        segment's lock held, which it lets go of while hashing."""
+        segment.hashing = True
+        try:
+            while self._next_hashable(job, segment):
+                index = segment.parts[segment.cursor]
+                data, parked = segment.ready.pop(index, (None, None))
+                segment.turn.release()
+                try:
+                    if data is None:  # resumed from an earlier run: read it back
+                        start, end = job.parts[index]
+                        data = self.buffer(end - start, "scratch")
+                        if job.read(data, start) != end - start:
+                            raise FetchError(f"{job.partial_path}: shorter than written")
+                    segment.hasher.update(data)
+                finally:
+                    segment.turn.acquire()
+                segment.cursor += 1
+                if parked is not None:
+                    self._recycle(parked)
+                segment.turn.notify_all()
+        finally:
+            segment.hashing = False
+            segment.turn.notify_all()
 
     def _maybe_finish(self, job: _FileJob) -> None:
         with job.lock:

@@ -1,5 +1,5 @@
 """The fetch writes parts around the page cache (O_DIRECT) where it can, through it where it
-cannot, and hashes MD5 in order from each worker's own buffer, never reading a part back."""
+cannot, and hashes MD5 in order from the buffers the parts arrived in, never reading a part back."""
 
 from __future__ import annotations
 
@@ -120,10 +120,14 @@ class _ShuffledReader:
         buffer[:] = self.files[remote.key][start : start + len(buffer)]
 
 
+@pytest.mark.parametrize("hash_ahead_mib", [0, 3, 128])
 def test_md5_is_hashed_in_order_from_the_workers_buffers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hash_ahead_mib: int
 ) -> None:
-    """One large file and three small ones (their parts are queued round-robin)."""
+    """One large file and three small ones (their parts are queued round-robin). Early parts
+    are parked with spare buffers while the hash catches up; with few spares (or the minimum
+    of two) workers also wait for their part's hash."""
+    monkeypatch.setattr(fetch, "HASH_AHEAD_BYTES", hash_ahead_mib * MIB)
     generator = random.Random(5)
     files = {
         "model-00001.safetensors": generator.randbytes(24 * MIB + 12_345),
