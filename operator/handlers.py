@@ -998,17 +998,32 @@ async def child_changed(
             state.workloads[key] = _slim(body, keep_spec=("replicas",))
     indexes = _indexes(kwargs)
     mds = _index_list(indexes["model_deployments"], key)
-    if mds and event.get("type") is not None and not mds[0]["metadata"].get("deletionTimestamp"):
-        md = mds[0]
-        last = state.acted.get(key, (0, None))[1]
-        if last is not None:
-            rendered = rendered_for(context, state, md, last)
-            wanted = next((c for c in rendered.children if object_key(c) == object_key(body)), None)
-            if wanted is not None and (deleted or _drifted(body, wanted)):
-                await asyncio.to_thread(
-                    restore_child, context, state, key, md, body, wanted, deleted
-                )
+    live_md = mds[0] if mds and not mds[0]["metadata"].get("deletionTimestamp") else None
+    if (
+        live_md is not None
+        and event.get("type") is not None
+        and (deleted or _maybe_drifted(context, state, key, live_md, body))
+    ):
+        await asyncio.to_thread(restore_child, context, state, key, live_md, body, deleted)
     wake(state, key, indexes)
+
+
+def _maybe_drifted(
+    context: Context, state: State, key: Key, md: Mapping[str, Any], live: Mapping[str, Any]
+) -> bool:
+    """Worth a look under the lock: edited by another manager, or off the current render."""
+    if foreign_fields(live):
+        return True
+    last = state.acted.get(key, (0, None))[1]
+    wanted = _wanted(context, state, md, last, live) if last is not None else None
+    return wanted is not None and _drifted(live, wanted)
+
+
+def _wanted(
+    context: Context, state: State, md: Mapping[str, Any], last: LastGood, live: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    rendered = rendered_for(context, state, md, last)
+    return next((c for c in rendered.children if object_key(c) == object_key(live)), None)
 
 
 def restore_child(
@@ -1017,11 +1032,19 @@ def restore_child(
     key: Key,
     md: Mapping[str, Any],
     live: Mapping[str, Any],
-    wanted: Mapping[str, Any],
     deleted: bool,
 ) -> None:
-    """Apply a drifted or deleted child again, and say so in an Event."""
+    """Apply a drifted or deleted child again, and say so in an Event.
+
+    Decided under the lock, against the plan acted on by then: a child deleted while its first
+    reconcile is still writing status (the plan not yet recorded) is restored once that reconcile
+    ends, and one that changed during a reconcile of a new generation gets the new render, not
+    the one it was compared with."""
     with state.lock(key):
+        last = state.acted.get(key, (0, None))[1]
+        wanted = _wanted(context, state, md, last, live) if last is not None else None
+        if wanted is None or not (deleted or _drifted(live, wanted)):
+            return
         try:
             _, why = apply_child(context.kube, wanted)
         except KubeApiError as error:

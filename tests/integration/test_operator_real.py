@@ -296,10 +296,25 @@ def test_deleted_child_is_restored(
 ) -> None:
     ns = namespace(installed, "team-b")
     create_md(kube, ns, "restore", tiny(tiny_model))
-    wait_for("the Service", lambda: kube.get(SERVICE, ns, "restore"))
+    md_where(kube, ns, "restore", lambda md: bool((md.get("status") or {}).get("plan")))
     assert kube.delete(SERVICE, ns, "restore")
     restored = wait_for("the Service restored", lambda: kube.get(SERVICE, ns, "restore"))
     assert restored["metadata"]["labels"]["modelship.dev/model-deployment"] == "restore"
+
+
+def test_child_deleted_during_its_first_reconcile_is_restored(
+    operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
+) -> None:
+    """Deleted the moment it appears, while the first reconcile still writes status and has not
+    recorded its plan: the deletion is acted on when that reconcile ends, not at the next resync
+    (CI once lost this race)."""
+    ns = namespace(installed, "team-b")
+    create_md(kube, ns, "restore-early", tiny(tiny_model))
+    wait_for("the Service", lambda: kube.get(SERVICE, ns, "restore-early"), every=0.005)
+    assert kube.delete(SERVICE, ns, "restore-early")
+    md = md_where(kube, ns, "restore-early", lambda md: bool((md.get("status") or {}).get("plan")))
+    restored = wait_for("the Service restored", lambda: kube.get(SERVICE, ns, "restore-early"))
+    assert restored["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
 
 
 def test_edit_replans_and_a_bad_edit_keeps_the_last_good_workload(

@@ -55,7 +55,9 @@ CRD = Kind(
 )
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout_seconds: float = 30) -> T:
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout_seconds: float = 30, every: float = 0.1
+) -> T:
     """Poll until `probe` returns something truthy; fail naming `what` and the last value."""
     deadline = time.monotonic() + timeout_seconds
     last: T | None = None
@@ -63,7 +65,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_seconds: float = 
         last = probe()
         if last:
             return last
-        time.sleep(0.1)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout_seconds}s waiting for {what}; last: {last!r}")
 
 
