@@ -559,8 +559,6 @@ class Observation:
     pods: list[dict[str, Any]]
     node_claims: list[dict[str, Any]]
     node_group_status: str | None = None
-    # Why a ReplicaSet of the workload cannot create pods (its ReplicaFailure message), if so.
-    replica_failure: str | None = None
 
 
 def observe(

@@ -138,8 +138,6 @@ class State:
     workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
     # KV-cache tokens vLLM allocated, read from Prometheus at each resync (kvfeedback.py).
     measured_kv: dict[Key, int] = field(default_factory=dict)
-    # ReplicaSet name -> why it cannot create pods, per ModelDeployment (its ReplicaFailure).
-    replica_failures: dict[Key, dict[str, str]] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
     # Pool applies in flight and the latest combination wanted of each (see sync_pools).
     pool_busy: set[str] = field(default_factory=set)
@@ -171,7 +169,6 @@ class State:
     def forget(self, key: Key) -> None:
         self.failures.pop(key, None)
         self.acted.pop(key, None)
-        self.replica_failures.pop(key, None)
         self.measured_kv.pop(key, None)
         self.workloads.pop(key, None)
         self.written.pop(key, None)
@@ -465,7 +462,6 @@ def compute_status(
         pods=_index_list(pods_index, key),
         node_claims=_index_list(claims_index, rendered.pool_name) if rendered else [],
         node_group_status=node_group_status,
-        replica_failure=next(iter(state.replica_failures.get(key, {}).values()), None),
     )
     md = md_ref(body, last.spec, last.generation) if last else None
     return build_status(
@@ -1108,36 +1104,6 @@ def combine_pool(context: Context, state: State, pool: str) -> None:
         logger.warning("could not apply pool %s: %s", pool, error)
 
 
-@kopf.on.event("replicasets.apps", labels={MD_LABEL: kopf.PRESENT})
-async def replica_set_changed(
-    event: kopf.RawEvent,
-    body: kopf.Body,
-    namespace: str | None,
-    name: str,
-    labels: kopf.Labels,
-    memo: kopf.Memo,
-    **kwargs: Any,
-) -> None:
-    """A workload's ReplicaSet reports whether it can create pods (a missing ServiceAccount, a
-    PodSecurity or quota rejection: its ReplicaFailure condition says which, at once)."""
-    state: State = memo.state
-    key = (namespace or "", labels[MD_LABEL])
-    failures = state.replica_failures.setdefault(key, {})
-    condition = next(
-        (
-            c
-            for c in (body.get("status") or {}).get("conditions") or []
-            if c.get("type") == "ReplicaFailure"
-        ),
-        None,
-    )
-    if event.get("type") != "DELETED" and condition and condition.get("status") == "True":
-        failures[name] = str(condition.get("message") or condition.get("reason"))
-    else:
-        failures.pop(name, None)
-    wake(state, key, _indexes(kwargs))
-
-
 @kopf.on.event("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
 async def pod_changed(
     event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
@@ -1351,7 +1317,6 @@ EVENT_HANDLERS = tuple(
     for handler in (
         child_changed,
         model_deployment_changed,
-        replica_set_changed,
         pod_changed,
         node_claim_changed,
         pool_changed,

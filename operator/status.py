@@ -300,9 +300,7 @@ def workload_phase(facts: ReconcileFacts, now: datetime.datetime) -> tuple[str, 
     pods = [p for p in observation.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     if desired == 0:
         return "Ready", "scaled to zero; the autoscaler starts a replica on demand", 0, 0
-    cannot_create = pod_creation_failure(observation.workload) or (
-        POD_CREATION_FAILED + observation.replica_failure if observation.replica_failure else None
-    )
+    cannot_create = pod_creation_failure(observation.workload)
     if cannot_create and len(pods) < desired:
         if ready > 0:
             return "Degraded", f"{ready}/{desired} replicas ready; {cannot_create}", desired, ready

@@ -1,7 +1,7 @@
 """A delaying, de-duplicating work queue (the status refreshes that watch events ask for), and
 the periodic resync.
 
-A new ModelDeployment brings a burst of watch events (its Deployment, ReplicaSet, pod, Service and
+A new ModelDeployment brings a burst of watch events (its Deployment, pod, Service and
 PodMonitor each change several times within a second or two), and every one of them asks for
 its owner's status to be recomputed. Run at once, each recomputation could find a short-lived
 state ("waiting for the scheduler") and write it, only for the next event to write the state

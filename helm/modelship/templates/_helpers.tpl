@@ -85,11 +85,6 @@ ever have created and finds nothing of a kind that is off. */}}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: {{ include "modelship.writeVerbs" . }}
-# ReplicaSets say at once why pods cannot be created (ReplicaFailure: a missing ServiceAccount,
-# a PodSecurity or quota rejection).
-- apiGroups: [apps]
-  resources: [replicasets]
-  verbs: [list, watch]
 # The one-off Neuron compile Job of a model whose serving node cannot compile it
 # (operator/compilejob.py); watched to apply the serving workload when it succeeds.
 - apiGroups: [batch]
