@@ -338,7 +338,15 @@ def compile_jobs(
 
 
 def _index_list(index: Any, key: Any) -> list[dict[str, Any]]:
-    return [dict(item) for item in index.get(key, [])] if index is not None else []
+    """Copies of the values one of kopf's indexes holds for `key`. Threads (reconciles, the
+    resync, the pool queue) read indexes that the event loop changes meanwhile; iterating a
+    store while it changes raises, so a read that was overtaken is read again."""
+    while index is not None:
+        try:
+            return [dict(item) for item in index.get(key, [])]
+        except RuntimeError:  # "changed size during iteration": the event loop got there first
+            continue
+    return []
 
 
 # ---- pools ------------------------------------------------------------------------------------
@@ -379,7 +387,7 @@ def sync_pools(
     for pool in pools:
         shares = [
             _share(context, state, str(item["placement"]), int(item["maxReplicas"]))
-            for item in (index.get(pool, []) if index is not None else [])
+            for item in _index_list(index, pool)
             if item["user"] != user
         ]
         if mine and pool in mine:
