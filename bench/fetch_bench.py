@@ -151,6 +151,12 @@ def start_rclone_server(directory: Path) -> Server:
             f"127.0.0.1:{port}",
             "--auth-key",
             f"{ACCESS_KEY},{SECRET_KEY}",
+            # rclone forgets a file's MD5 ETag with its directory entry (5 minutes by default) and
+            # recomputes it on the next request: a contender whose transfer straddled that moment
+            # paid for 16 concurrent whole-file hashes (93 server CPU-s, 73 MB/s in one run).
+            # A real S3 stores the ETag, so keep the entries for the whole benchmark.
+            "--dir-cache-time",
+            "24h",
             str(directory),
         ],
         stdout=log,
@@ -282,8 +288,9 @@ def fsync_tree(directory: Path) -> None:
 def warm(server: Server, prefix: str) -> None:
     """HEAD every object of the dataset, outside the timed region. rclone's local backend keeps
     no hashes: it computes a file's MD5 (its ETag) when first asked and forgets it with its
-    directory cache (5 minutes), so without this the first contender of a cell in each run paid
-    for hashing the whole dataset on the server (3-4x the server CPU of the others)."""
+    directory cache (5 minutes unless --dir-cache-time, which start_rclone_server raises), so
+    without this the first contender of a cell paid for hashing the whole dataset on the server
+    (3-4x the server CPU of the others)."""
     s3 = client(server.endpoint_url)
     listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
     for item in listing:
