@@ -8,7 +8,7 @@ Fairness rules (issue 13):
       buffered and with oflag=direct (modelship writes around the page cache);
     - cleanup (removing the previous download) is outside the timed region, and so is a HEAD of
       every object just before each contender (rclone computes a file's MD5 ETag when first
-      asked and forgets it after 5 minutes: the first contender of a cell paid for it);
+      asked: without it the first contender of a cell paid for hashing the dataset);
     - s5cmd runs at its defaults and with a small sweep of --numworkers/--concurrency/--part-size,
       and its best median per cell is the reference;
     - runs are interleaved: every run visits each server and dataset and runs every contender
