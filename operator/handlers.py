@@ -111,6 +111,19 @@ CHILD_RESOURCES: tuple[tuple[str, ...], ...] = (
 )
 POOL_RESOURCES = ("nodepools.karpenter.sh", "ec2nodeclasses.karpenter.k8s.aws")
 MANAGED = {"app.kubernetes.io/managed-by": "modelship"}
+# Label selectors the API server applies to every watch but the ModelDeployments' own: the
+# handlers below take only objects with these labels. kopf filters a handler's `labels` on its
+# side, so without them it would watch every pod, Deployment, Service and Job of the cluster,
+# decoding each event and keeping a memory of each object.
+WATCH_SELECTORS: dict[tuple[str, ...], str] = {
+    **{resource: MD_LABEL for resource in CHILD_RESOURCES},
+    ("v1", "pods"): MD_LABEL,
+    ("jobs.batch",): f"{MD_LABEL},{compilejob.ROLE_LABEL}=compile",
+    ("nodeclaims.karpenter.sh",): KARPENTER_POOL_LABEL,
+    **{
+        (resource,): ",".join(f"{k}={v}" for k, v in MANAGED.items()) for resource in POOL_RESOURCES
+    },
+}
 logger = logging.getLogger("modelship.operator")
 
 Key = tuple[str, str]  # (namespace, name) of a ModelDeployment
@@ -679,6 +692,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly
     settings.execution.max_workers = MAX_WORKERS
+    for resource, selector in WATCH_SELECTORS.items():
+        # the same tuples as the handlers take, which kopf parses the same way
+        settings.watching.label_selectors[cast(Any, resource)] = selector
     node_groups = NodeGroups(config) if config.node_pool_mode == "eks-nodegroup" else None
     kube = Kube.from_environment()
     _RECONCILING.append(kube)

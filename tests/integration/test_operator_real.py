@@ -32,6 +32,7 @@ from modelship.runtime.tinymodel import build_tiny_model
 
 from tests.servers.kubeplane import (
     OPERATOR_NAMESPACE,
+    OPERATOR_SERVICE_ACCOUNT,
     POD,
     ControlPlane,
     Karpenter,
@@ -196,6 +197,36 @@ def tiny(tiny_model: Path, **spec: Any) -> dict[str, Any]:
 def test_one_operator_leads(operator: OperatorProcess, kube: Kube) -> None:
     lease = kube.get(LEASE, OPERATOR_NAMESPACE, "modelship-operator")
     assert lease is not None and lease["spec"]["holderIdentity"] == "operator-a"
+
+
+def test_the_operator_watches_only_its_own_objects(
+    operator: OperatorProcess, installed: ControlPlane
+) -> None:
+    """Every watch but the ModelDeployments' asks the API server for modelship's objects only
+    (a label selector), so unrelated pods, Deployments, Services and Jobs of the cluster never
+    reach the operator."""
+    assert installed.audit_log is not None
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
+
+    def watched() -> dict[str, list[str]]:
+        uris: dict[str, list[str]] = {}
+        for line in installed.audit_log.read_text().splitlines():  # type: ignore[union-attr]
+            event = json.loads(line)
+            if event["user"]["username"] == user and event["verb"] == "watch":
+                uris.setdefault(event["objectRef"]["resource"], []).append(event["requestURI"])
+        return uris
+
+    expected = {"pods", "deployments", "services", "jobs", "nodepools", "podmonitors"}
+    uris = wait_for("the operator's watches", lambda: (w := watched()) and expected <= set(w) and w)
+    unfiltered = {
+        resource: uri
+        for resource, found in uris.items()
+        if resource not in ("modeldeployments", "customresourcedefinitions", "leases")
+        for uri in found
+        if "labelSelector=" not in uri
+    }
+    assert not unfiltered, unfiltered
+    assert all("labelSelector=" not in uri for uri in uris.get("modeldeployments", []))
 
 
 def test_create_runs_through_every_phase_on_real_objects(

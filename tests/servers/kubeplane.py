@@ -25,6 +25,7 @@ import base64
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -242,6 +243,7 @@ class ControlPlane:
     admin_kubeconfig: Path
     ca_file: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    audit_log: Path | None = None  # the API server's audit log (JSON lines), when it writes one
 
     def kube(self, kubeconfig: Path | None = None) -> Kube:
         """modelship's REST client for this plane (admin unless `kubeconfig` is given)."""
@@ -359,7 +361,13 @@ def start_control_plane(
     admin = client("admin", "admin", "system:masters")
     controller_manager = client("controller-manager", "system:kube-controller-manager")
     scheduler = client("scheduler", "system:kube-scheduler")
-    plane = ControlPlane(url=url, folder=folder, admin_kubeconfig=admin, ca_file=ca)
+    plane = ControlPlane(
+        url=url,
+        folder=folder,
+        admin_kubeconfig=admin,
+        ca_file=ca,
+        audit_log=audit_log_path if audit_policy_file else None,
+    )
 
     etcd_client, etcd_peer = free_port(), free_port()
     _start(
@@ -488,13 +496,35 @@ def install_crds(plane: ControlPlane, *folders: Path) -> list[str]:
     return names
 
 
+def _watch_audit_policy(path: Path) -> Path:
+    """Audit the operator's lists and watches (their URLs show what it asks the server for)."""
+    policy = {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {
+                "level": "Metadata",
+                "users": [f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"],
+                "verbs": ["list", "watch"],
+            },
+            {"level": "None"},
+        ],
+    }
+    path.write_text(json.dumps(policy))
+    return path
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """The real control plane, with the upstream CRDs and modelship's CRD installed."""
     assets, schemas = kube_assets(), crd_schema_dir()
     if assets is None or schemas is None or shutil.which("etcd") is None:
         pytest.skip(SKIP_REASON)
-    plane = start_control_plane(tmp_path_factory.mktemp("kubeplane"), assets)
+    folder = tmp_path_factory.mktemp("kubeplane")
+    plane = start_control_plane(
+        folder, assets, _watch_audit_policy(folder / "audit-policy.yaml"), folder / "audit.log"
+    )
     try:
         install_crds(plane, schemas, REPO / "crds")
         yield plane
