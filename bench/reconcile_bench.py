@@ -218,6 +218,56 @@ def plane_cpu(plane: ControlPlane) -> dict[str, float]:
     }
 
 
+def create_unrelated(plane: ControlPlane, count: int) -> None:
+    """`count` Deployments (one pod each, left Pending: no nodes) and Services that are not
+    modelship's, as a shared cluster has them; returns once the controller manager has made
+    every pod. An operator should not pay for them."""
+    kube = plane.kube()
+    namespace = "unrelated"
+    plane.ensure_namespace(namespace)
+    labels = {"app.kubernetes.io/name": "unrelated"}
+
+    def create(index: int) -> None:
+        name = f"app-{index}"
+        pod_labels = {**labels, "app": name}
+        kube.request(
+            "POST",
+            DEPLOYMENT.path(namespace),
+            body={
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {
+                        "metadata": {"labels": pod_labels},
+                        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
+                    },
+                },
+            },
+        )
+        kube.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/services",
+            body={
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"selector": {"app": name}, "ports": [{"port": 80}]},
+            },
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(create, range(count)))
+    pods = Kind("v1", "Pod", "pods", True)
+    wait_for(
+        f"{count} unrelated pods",
+        lambda: len(kube.list(pods, namespace, labels)) >= count,
+        timeout_seconds=600,
+    )
+
+
 def run_round(
     plane: ControlPlane,
     audit: Audit,
@@ -391,6 +441,12 @@ def main() -> int:
     parser.add_argument(
         "--py-spy", default="", help="path of py-spy: record the operator's stacks while it works"
     )
+    parser.add_argument(
+        "--unrelated",
+        type=int,
+        default=0,
+        help="first create this many Deployments (a pod each) and Services that are not modelship's",
+    )
     parser.add_argument("--work", default="", help="folder for logs (default: a temporary one)")
     args = parser.parse_args()
 
@@ -466,6 +522,8 @@ def main() -> int:
         }
         if args.resync_seconds:
             env["MODELSHIP_RESYNC_SECONDS"] = args.resync_seconds
+        if args.unrelated:
+            create_unrelated(plane, args.unrelated)
         rounds = [
             (which, int(size))
             for size in args.sizes.split(",")
@@ -476,6 +534,7 @@ def main() -> int:
                 plane, audit, which, size, kubeconfigs, env, "s3://models/tiny", args, work,
                 last=index == len(rounds) - 1,
             )  # fmt: skip
+            result["unrelated"] = args.unrelated
             results.append(result)
             print(json.dumps(result), flush=True)
     finally:
