@@ -4,7 +4,7 @@
 # MODELSHIP_KUBE_ASSETS (../shared/kube). Skips the install when etcd is already on PATH.
 set -euo pipefail
 if command -v etcd >/dev/null; then
-  echo "etcd already installed: $(etcd --version | head -1)"
+  echo "etcd already installed: $(etcd --version | sed -n 1p)"
   exit 0
 fi
 SUDO=""
@@ -16,4 +16,6 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends 
 if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
   $SUDO systemctl stop etcd || true
 fi
-etcd --version | head -1
+# sed, not head: head exits after one line and etcd, still writing, dies of SIGPIPE (exit 141 under
+# pipefail), which failed a fresh machine's first setup now and then.
+etcd --version | sed -n 1p

@@ -3,7 +3,7 @@
 # Skips the install when both are already on PATH.
 set -euo pipefail
 if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-  echo "prometheus and promtool already installed: $(prometheus --version 2>&1 | head -1)"
+  echo "prometheus and promtool already installed: $(prometheus --version 2>&1 | sed -n 1p)"
   exit 0
 fi
 SUDO=""
@@ -14,4 +14,4 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends 
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
   $SUDO systemctl stop prometheus || true
 fi
-prometheus --version 2>&1 | head -1
+prometheus --version 2>&1 | sed -n 1p
