@@ -461,9 +461,16 @@ def test_runtime_image_serves_the_tiny_model(runtime_serving: ServingRuntime) ->
 
 
 def test_runtime_image_reports_ready(runtime_serving: ServingRuntime) -> None:
-    with urllib.request.urlopen(runtime_serving.metrics_url, timeout=5) as response:
-        metrics = response.read().decode()
-    ready = re.search(
-        r"^modelship_runtime_time_to_ready_seconds(\{[^}]*\})? ([0-9.e+]+)$", metrics, re.M
-    )
+    """The runtime sets its time-to-ready gauge once its own /health poll (every 0.5 s) sees
+    vLLM answer, which can be just after the fixture's poll saw it: wait for it a while."""
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(runtime_serving.metrics_url, timeout=5) as response:
+            metrics = response.read().decode()
+        ready = re.search(
+            r"^modelship_runtime_time_to_ready_seconds(\{[^}]*\})? ([0-9.e+]+)$", metrics, re.M
+        )
+        if (ready and float(ready.group(2)) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert ready and float(ready.group(2)) > 0, metrics[:2000]
