@@ -48,6 +48,7 @@ from tests.servers.kubeplane import (
     OPERATOR_NAMESPACE,
     OPERATOR_SERVICE_ACCOUNT,
     ControlPlane,
+    audit_policy,
     crd_schema_dir,
     free_port,
     install_crds,
@@ -67,21 +68,6 @@ USERS = {
     "noop": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{NOOP_SERVICE_ACCOUNT}",
 }
 S3_KEY, S3_SECRET = "benchkey", "benchsecret"
-
-
-def audit_policy(path: Path) -> Path:
-    """Metadata-level events for the two operators only (everything else would swamp the log)."""
-    policy = {
-        "apiVersion": "audit.k8s.io/v1",
-        "kind": "Policy",
-        "omitStages": ["RequestReceived"],
-        "rules": [
-            {"level": "Metadata", "users": sorted(USERS.values())},
-            {"level": "None"},
-        ],
-    }
-    path.write_text(yaml.safe_dump(policy))
-    return path
 
 
 @dataclass
@@ -460,7 +446,7 @@ def main() -> int:
     plane = start_control_plane(
         work / "plane",
         assets,
-        audit_policy(work / "audit-policy.yaml"),
+        audit_policy(work / "audit-policy.yaml", USERS.values()),
         audit.path,
         service_cidr="10.0.0.0/20",  # one Service per ModelDeployment: a /24 stops at ~250
     )

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -496,20 +496,17 @@ def install_crds(plane: ControlPlane, *folders: Path) -> list[str]:
     return names
 
 
-def _watch_audit_policy(path: Path) -> Path:
-    """Audit the operator's lists and watches (their URLs show what it asks the server for)."""
+def audit_policy(path: Path, users: Iterable[str], verbs: Iterable[str] = ()) -> Path:
+    """An audit policy: Metadata-level events for `users` only (every verb, or only `verbs`);
+    everything else would swamp the log."""
+    rule: dict[str, Any] = {"level": "Metadata", "users": sorted(users)}
+    if verbs:
+        rule["verbs"] = list(verbs)
     policy = {
         "apiVersion": "audit.k8s.io/v1",
         "kind": "Policy",
         "omitStages": ["RequestReceived"],
-        "rules": [
-            {
-                "level": "Metadata",
-                "users": [f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"],
-                "verbs": ["list", "watch"],
-            },
-            {"level": "None"},
-        ],
+        "rules": [rule, {"level": "None"}],
     }
     path.write_text(json.dumps(policy))
     return path
@@ -522,9 +519,12 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     if assets is None or schemas is None or shutil.which("etcd") is None:
         pytest.skip(SKIP_REASON)
     folder = tmp_path_factory.mktemp("kubeplane")
-    plane = start_control_plane(
-        folder, assets, _watch_audit_policy(folder / "audit-policy.yaml"), folder / "audit.log"
+    policy = audit_policy(
+        folder / "audit-policy.yaml",
+        [f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"],
+        verbs=["list", "watch"],  # their URLs show what the operator asks the server for
     )
+    plane = start_control_plane(folder, assets, policy, folder / "audit.log")
     try:
         install_crds(plane, schemas, REPO / "crds")
         yield plane
