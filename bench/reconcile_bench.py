@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from modelship.operator.apply import DEPLOYMENT, MD_LABEL, Kind, Kube
+from modelship.operator.apply import DEPLOYMENT, MD_LABEL, POD, SERVICE, Kind, Kube
 from modelship.runtime import demo
 from modelship.runtime.tinymodel import build_tiny_model
 
@@ -48,6 +48,7 @@ from tests.servers.kubeplane import (
     OPERATOR_NAMESPACE,
     OPERATOR_SERVICE_ACCOUNT,
     ControlPlane,
+    audit_events,
     audit_policy,
     crd_schema_dir,
     free_port,
@@ -79,20 +80,14 @@ class Audit:
     def events(self, user: str, start: float, end: float) -> list[dict[str, Any]]:
         """Completed requests by `user` received in [start, end] (wall-clock seconds)."""
         found = []
-        if not self.path.exists():
-            return found
-        with self.path.open() as lines:
-            for line in lines:
-                event = json.loads(line)
-                if event.get("stage") != "ResponseComplete":
-                    continue
-                if event.get("user", {}).get("username") != user:
-                    continue
-                received = datetime.datetime.fromisoformat(
-                    event["requestReceivedTimestamp"].replace("Z", "+00:00")
-                ).timestamp()
-                if start <= received <= end:
-                    found.append(event)
+        for event in audit_events(self.path, user):
+            if event.get("stage") != "ResponseComplete":
+                continue
+            received = datetime.datetime.fromisoformat(
+                event["requestReceivedTimestamp"].replace("Z", "+00:00")
+            ).timestamp()
+            if start <= received <= end:
+                found.append(event)
         return found
 
 
@@ -235,7 +230,7 @@ def create_unrelated(plane: ControlPlane, count: int) -> None:
         )
         kube.request(
             "POST",
-            f"/api/v1/namespaces/{namespace}/services",
+            SERVICE.path(namespace),
             body={
                 "apiVersion": "v1",
                 "kind": "Service",
@@ -246,10 +241,9 @@ def create_unrelated(plane: ControlPlane, count: int) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(create, range(count)))
-    pods = Kind("v1", "Pod", "pods", True)
     wait_for(
         f"{count} unrelated pods",
-        lambda: len(kube.list(pods, namespace, labels)) >= count,
+        lambda: len(kube.list(POD, namespace, labels)) >= count,
         timeout_seconds=600,
     )
 

@@ -38,6 +38,7 @@ from tests.servers.kubeplane import (
     Karpenter,
     Kubelet,
     OperatorProcess,
+    audit_events,
     ensure_runtime_service_account,
     free_port,
     start_operator,
@@ -205,14 +206,14 @@ def test_the_operator_watches_only_its_own_objects(
     """Every watch but the ModelDeployments' asks the API server for modelship's objects only
     (a label selector), so unrelated pods, Deployments, Services and Jobs of the cluster never
     reach the operator."""
-    assert installed.audit_log is not None
+    log = installed.audit_log
+    assert log is not None
     user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
 
     def watched() -> dict[str, list[str]]:
         uris: dict[str, list[str]] = {}
-        for line in installed.audit_log.read_text().splitlines():  # type: ignore[union-attr]
-            event = json.loads(line)
-            if event["user"]["username"] == user and event["verb"] == "watch":
+        for event in audit_events(log, user):
+            if event["verb"] == "watch":
                 uris.setdefault(event["objectRef"]["resource"], []).append(event["requestURI"])
         return uris
 

@@ -512,6 +512,18 @@ def audit_policy(path: Path, users: Iterable[str], verbs: Iterable[str] = ()) ->
     return path
 
 
+def audit_events(path: Path, user: str) -> Iterator[dict[str, Any]]:
+    """The events of an audit log (JSON lines, as `audit_policy` asks for) for requests by
+    `user`, in order; none when the log does not exist yet."""
+    if not path.exists():
+        return
+    with path.open() as lines:
+        for line in lines:
+            event = json.loads(line)
+            if event.get("user", {}).get("username") == user:
+                yield event
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """The real control plane, with the upstream CRDs and modelship's CRD installed."""
