@@ -497,6 +497,14 @@ class ModelDeploymentStatus(_Model):
         None, description="KV-cache capacity: predicted by the plan, measured from vLLM."
     )
     message: str | None = Field(None, description="What is happening, for people.")
+    last_good: str | None = Field(
+        None,
+        description=(
+            "The last plan that applied, as JSON (generation, spec, placement, and placements "
+            "still draining): what the running children are made from. Any operator replica "
+            "restores them from it without reading the model again. Written by the operator."
+        ),
+    )
 
 
 def load_spec(spec: dict[str, Any], field_prefix: str = "spec") -> ModelDeploymentSpec:

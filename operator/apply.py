@@ -111,7 +111,7 @@ _KINDS = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, *POOL_KINDS, POD, N
 # a pool change is a handful of API calls.
 _POOL_LOCK = threading.RLock()
 # HTTP connections to the API server: one per thread that makes requests (handlers.py: kopf's
-# MAX_WORKERS handler threads and REFRESH_WORKERS refresh threads).
+# MAX_WORKERS handler threads, RECONCILE_WORKERS and REFRESH_WORKERS).
 CONNECTIONS = 40
 
 

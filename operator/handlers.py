@@ -1,12 +1,15 @@
 """kopf handlers: parse, inspect, plan, render, apply, report. No business logic lives here.
 
-- create / update (of spec) / resume: reconcile. The last good plan is kept in the cluster (the
-  annotation `modelship.dev/last-good`: generation, spec and placement), so any replica can
-  restore children after a restart without reading the model again. A bad spec, an unreadable
-  model or a plan with no placement is reported in status and a Warning Event and raised as
-  kopf.PermanentError; the running children are left as they are (the last good workload keeps
-  serving). A model store or API server that fails for now is retried with backoff and shown in
-  status meanwhile.
+- create / update (of spec) / resume: queue a reconcile. Reconciles run on threads of their own
+  (RECONCILE_WORKERS), from the ModelDeployment as the index holds it when its turn comes, not
+  in kopf's per-object handler machinery (which held a worker, its retries and a copy of every
+  object in flight: a third of the operator's peak memory with 1000 created at once). The last
+  good plan is kept in the cluster (`status.lastGood`: generation, spec and placement, written
+  with the rest of the status), so any replica can restore children after a restart without
+  reading the model again. A bad spec, an unreadable model or a plan with no placement is
+  reported in status and a Warning Event; the running children are left as they are (the last
+  good workload keeps serving) and nothing is retried until the spec changes. A model store or
+  API server that fails for now is retried with backoff and shown in status meanwhile.
 - Watches wake the owner, as controller-runtime's `Owns()` does: a child deleted or edited by
   hand is restored at once; a changed workload, pod or NodeClaim refreshes status (written only
   when it changed). Pods, NodeClaims and ModelDeployments are read from kopf indexes, so an idle
@@ -14,8 +17,8 @@
   spread evenly over the period) is the safety net.
 - Node pools are aggregates: the `pool_users` index maps each pool to the ModelDeployments that
   want it (current placement, and the previous one until the new workload is rolled out: make
-  before break); a pool is applied as their combination and deleted when nobody wants it. A
-  deleted NodePool is applied again.
+  before break); a pool is applied as their combination, from one queue at most once a second
+  per pool, and deleted when nobody wants it. A deleted NodePool is applied again.
 - delete: delete children by name (no list a bad name could fail), leave the pools.
 
 Settings: no kopf peering (operator/leader.py elects one replica with a Lease), finalizer
@@ -90,7 +93,10 @@ FINALIZER = "modelship.dev/finalizer"
 LAST_GOOD = "modelship.dev/last-good"
 RETRY_SECONDS = 10
 MAX_RETRY_SECONDS = 300
-MAX_WORKERS = 32  # sync handlers wait on the API, not on the CPU (apply.CONNECTIONS matches)
+# Threads that wait on the API, not on the CPU (apply.CONNECTIONS has a connection for each):
+# kopf's, for its sync handlers (cleanup, compile Jobs, pool restores), and the reconciles'.
+MAX_WORKERS = 16
+RECONCILE_WORKERS = 16
 # Watch events ask for status refreshes through a queue (workqueue.py): each key waits this long,
 # folding the burst of events a new or changing ModelDeployment brings into one refresh.
 REFRESH_DELAY_SECONDS = 1.0
@@ -165,8 +171,11 @@ class State:
     dirty: set[Key] = field(default_factory=set)
     shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
-    # Refreshes asked for by watch events, and kopf's indexes they read (the same live objects
-    # in every handler's kwargs).
+    # Transient failures in a row of the generation being retried: (generation, count).
+    retries: dict[Key, tuple[int, int]] = field(default_factory=dict)
+    # Reconciles asked for by the change handlers; refreshes asked for by watch events; and
+    # kopf's indexes they read (the same live objects in every handler's kwargs).
+    reconciles: WorkQueue | None = None
     queue: WorkQueue | None = None
     pool_queue: WorkQueue | None = None
     resyncer: Resyncer | None = None
@@ -181,6 +190,7 @@ class State:
 
     def forget(self, key: Key) -> None:
         self.failures.pop(key, None)
+        self.retries.pop(key, None)
         self.acted.pop(key, None)
         self.measured_kv.pop(key, None)
         self.workloads.pop(key, None)
@@ -214,13 +224,16 @@ class LastGood:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> LastGood | None:
-        text = ((body.get("metadata") or {}).get("annotations") or {}).get(LAST_GOOD)
+        """From `status.lastGood`, or the annotation that earlier versions kept it in."""
+        text = (body.get("status") or {}).get("lastGood") or (
+            (body.get("metadata") or {}).get("annotations") or {}
+        ).get(LAST_GOOD)
         return _parse_last_good(text) if text else None
 
 
 @functools.lru_cache(maxsize=4096)
 def _parse_last_good(text: str) -> LastGood | None:
-    """The annotation's plan. Cached by its text: the pool index and the handlers read it on every
+    """The recorded plan. Cached by its text: the pool index and the handlers read it on every
     watch event of the ModelDeployment (JSON and three pydantic validations each time was a
     tenth of the event loop's CPU with 400 new ModelDeployments); a LastGood is never mutated."""
     try:
@@ -232,7 +245,7 @@ def _parse_last_good(text: str) -> LastGood | None:
             draining=tuple(Placement.model_validate(p) for p in data.get("draining") or []),
         )
     except (ValueError, KeyError, TypeError) as error:  # edited by hand: plan afresh
-        logger.warning("ignoring an unreadable %s annotation: %s", LAST_GOOD, error)
+        logger.warning("ignoring an unreadable last good plan: %s", error)
         return None
 
 
@@ -291,9 +304,12 @@ def backoff_seconds(retry: int) -> float:
 # ---- indexes ----------------------------------------------------------------------------------
 
 
-def _slim(body: Mapping[str, Any], keep_spec: Iterable[str] = ()) -> dict[str, Any]:
+def _slim(body: Mapping[str, Any], keep_spec: Iterable[str] | None = ()) -> dict[str, Any]:
+    """What the operator reads of a watched object; `keep_spec` None keeps the whole spec."""
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
+    if keep_spec is None:
+        keep_spec = spec.keys()
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
@@ -311,8 +327,9 @@ def _slim(body: Mapping[str, Any], keep_spec: Iterable[str] = ()) -> dict[str, A
 def model_deployments(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[Key, Any]:
-    """(namespace, name) -> the ModelDeployment (metadata, status)."""
-    return {(namespace or "", name): _slim(body)}
+    """(namespace, name) -> the ModelDeployment (metadata, spec, status): what a queued
+    reconcile acts on when its turn comes."""
+    return {(namespace or "", name): _slim(body, keep_spec=None)}
 
 
 @kopf.index(*RESOURCE)
@@ -485,7 +502,7 @@ def compute_status(
         node_group_status=node_group_status,
     )
     md = md_ref(body, last.spec, last.generation) if last else None
-    return build_status(
+    update = build_status(
         ReconcileFacts(
             generation=generation,
             failure=failure,
@@ -508,6 +525,9 @@ def compute_status(
         previous,
         datetime.datetime.now(tz=datetime.UTC),
     )
+    if last is not None:  # kept with the status: no request of its own
+        update.status["lastGood"] = last.annotation()
+    return update
 
 
 def _as_body(obj: Mapping[str, Any]) -> kopf.Body:
@@ -618,24 +638,9 @@ def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[s
             return  # not acted on yet (the change handlers write the first status), or going
         generation, last = acted
         body = mds[0]
+        released: LastGood | None = None
         if last and last.draining and rollout_done(state.workloads.get(key), last.generation):
-            drained = LastGood(last.generation, last.spec, last.placement)
-            context.kube.merge_patch(
-                MD_KIND,
-                key[0],
-                key[1],
-                {"metadata": {"annotations": {LAST_GOOD: drained.annotation()}}},
-            )
-            state.acted[key] = (generation, drained)
-            sync_pools(
-                context,
-                state,
-                indexes["pool_users"],
-                [pool for pool, _ in pools_of(last)],
-                f"{key[0]}/{key[1]}",
-                my_pools(drained),
-            )
-            last = drained
+            released, last = last, LastGood(last.generation, last.spec, last.placement)
         previous = previous_status(state, key, body)
         update = compute_status(
             context,
@@ -652,6 +657,16 @@ def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[s
         if _status_changed(previous, update.status):
             write_status(context, state, key, update.status)
             post_events(body, update)
+        if released is not None:  # recorded without the draining placements: let them go
+            state.acted[key] = (generation, last)
+            sync_pools(
+                context,
+                state,
+                indexes["pool_users"],
+                [pool for pool, _ in pools_of(released)],
+                f"{key[0]}/{key[1]}",
+                my_pools(last),
+            )
     except KubeApiError as error:
         logger.warning("could not refresh %s/%s: %s", key[0], key[1], error)
 
@@ -706,6 +721,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     state = memo.state = State()
     context = memo.context
+    state.reconciles = WorkQueue(
+        lambda key: run_reconcile(context, state, cast(Key, key)),
+        delay=0.0,
+        workers=RECONCILE_WORKERS,
+        name="reconcile",
+    )
     state.queue = WorkQueue(
         lambda key: refresh(context, state, cast(Key, key), state.indexes),
         delay=REFRESH_DELAY_SECONDS,
@@ -717,6 +738,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         lambda pool: combine_pool(context, state, str(pool)),
         delay=REFRESH_DELAY_SECONDS,
         workers=1,
+        name="pool",
     )
     state.resyncer = Resyncer(
         lambda key: resync_in_kopf_context(context, state, cast(Key, key)),
@@ -737,12 +759,12 @@ KOPF_CONNECTIONS = 64
 
 @kopf.on.cleanup()
 async def stop_refreshing(memo: kopf.Memo, **_: Any) -> None:
-    """kopf stops (SIGTERM, or the Lease was lost): its refresh threads stop with it."""
+    """kopf stops (SIGTERM, or the Lease was lost): its reconcile and refresh threads stop with
+    it (after what they are running)."""
     state: State | None = getattr(memo, "state", None)
-    if state is not None and state.queue is not None:
-        state.queue.close()
-    if state is not None and state.pool_queue is not None:
-        state.pool_queue.close()
+    for queue in (state.reconciles, state.queue, state.pool_queue) if state is not None else ():
+        if queue is not None:
+            queue.close()
     if state is not None and state.resyncer is not None:
         state.resyncer.stop()
 
@@ -793,7 +815,7 @@ def s3_client_for(endpoint_url: str | None) -> Any:
         return client
 
 
-def plan(context: Context, body: kopf.Body) -> tuple[ModelDeploymentSpec, Placement]:
+def plan(context: Context, body: Mapping[str, Any]) -> tuple[ModelDeploymentSpec, Placement]:
     """Parse the spec, inspect the model and plan; Rejected when it cannot be served (now)."""
     try:
         check_name(body["metadata"]["name"])
@@ -825,9 +847,13 @@ def plan(context: Context, body: kopf.Body) -> tuple[ModelDeploymentSpec, Placem
 
 
 def apply_last_good(
-    context: Context, state: State, body: Mapping[str, Any], last: LastGood, index: Any, prune: bool
+    context: Context, state: State, body: Mapping[str, Any], last: LastGood, prune: bool
 ) -> Rendered:
-    """Apply the pools, node group and children of a plan; prune what it no longer renders."""
+    """Apply the node group and children of a plan, prune what it no longer renders, and queue
+    its pools. A pool is applied from the pool queue as the combination of the users the index
+    holds: a new plan joins it when the index has it (model_deployment_changed), which is what
+    the queue waits for; applied here with the new user added, a pool that a thousand new
+    ModelDeployments share was patched hundreds of times a minute."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     rendered = rendered_for(context, state, body, last)
     annotations = (body.get("metadata") or {}).get("annotations") or {}
@@ -838,7 +864,9 @@ def apply_last_good(
     if rendered.node_group is not None and context.node_groups is not None:
         context.node_groups.ensure(rendered.node_group, namespace, name)
         context.node_groups.release(namespace, name, keep=rendered.node_group.name)
-    sync_pools(context, state, index, my_pools(last), f"{namespace}/{name}", my_pools(last))
+    if state.pool_queue is not None:
+        for pool in my_pools(last):
+            state.pool_queue.add(pool)
     uid = str(body["metadata"]["uid"])
     if prune:
         apply_children(context.kube, name, namespace, rendered.children, False, owner_uid=uid)
@@ -851,98 +879,129 @@ def apply_last_good(
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def reconcile(
-    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **kwargs: Any
-) -> None:
-    """Parse, inspect, plan, render, apply, report."""
-    context: Context = memo.context
+async def reconcile(memo: kopf.Memo, namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Queue a reconcile (run_reconcile), at once: a new spec does not wait out the backoff of
+    a retry of the old one. Runs on kopf's event loop; its context is what kopf.event() needs
+    (see wake), so the reconcile threads run in it."""
     state: State = memo.state
-    key = key_of(body)
-    generation = int(body["metadata"].get("generation") or 1)
-    indexes = _indexes(kwargs)
-    last = LastGood.from_body(body)
-    with METRICS.reconcile() as outcome, holding(context, state, key, indexes):
-        failure: Failure | None = None
+    state.indexes = _indexes(kwargs)
+    if state.reconciles is not None:
+        if state.reconciles.context is None:
+            state.reconciles.context = contextvars.copy_context()
+        state.reconciles.add((namespace or "", name), delay=0.0)
+
+
+def run_reconcile(context: Context, state: State, key: Key) -> None:
+    """Parse, inspect, plan, render, apply, report: on the ModelDeployment as the index holds it
+    now, under its lock. One being deleted (or gone) is cleanup's, and is left alone."""
+    indexes = state.indexes
+    with holding(context, state, key, indexes):
+        mds = _index_list(indexes.get("model_deployments"), key)
+        if not mds or mds[0]["metadata"].get("deletionTimestamp"):
+            state.retries.pop(key, None)
+            return
+        body = mds[0]
+        generation = int(body["metadata"].get("generation") or 1)
+        with METRICS.reconcile() as outcome:
+            failure = _reconcile_locked(context, state, key, body, generation, indexes)
+            if failure is None:
+                state.retries.pop(key, None)
+                outcome[0] = "success"
+            elif failure.transient:
+                retried, count = state.retries.get(key, (generation, 0))
+                count = count if retried == generation else 0
+                state.retries[key] = (generation, count + 1)
+                if state.reconciles is not None:
+                    state.reconciles.add(key, delay=backoff_seconds(count))
+                outcome[0] = "retry"
+                logger.warning(
+                    "%s/%s: %s (retrying in %.0fs)", *key, failure.message, backoff_seconds(count)
+                )
+            else:  # acted on again when the spec changes
+                state.retries.pop(key, None)
+                outcome[0] = "rejected"
+                logger.error("%s/%s: %s", *key, failure.message)
+
+
+def _reconcile_locked(
+    context: Context,
+    state: State,
+    key: Key,
+    body: Mapping[str, Any],
+    generation: int,
+    indexes: Mapping[str, Any],
+) -> Failure | None:
+    """One reconcile; returns why it did not apply (None: it did). Status is written here, under
+    the lock, with the plan that applied: a refresh that ran in between would otherwise be
+    overwritten by an older view."""
+    # What this process last acted on is newer than the watched object while our own status
+    # write is on its way; after a restart the object is all there is.
+    acted = state.acted.get(key)
+    last = acted[1] if acted is not None else LastGood.from_body(body)
+    failure: Failure | None = None
+    try:
+        if last is not None and last.generation == generation:
+            spec, placement = last.spec, last.placement  # a restart: no need to read the model
+        else:
+            spec, placement = plan(context, body)
+    except Rejected as rejected:
+        failure = rejected.failure
+    except RenderError as error:
+        failure = Failure("RenderFailed", str(error))
+    if failure is None:
+        draining = tuple(
+            p
+            for p in ((last.placement, *last.draining) if last else ())
+            if pool_name(p.instance_type, p.capacity_type)
+            != pool_name(placement.instance_type, placement.capacity_type)
+        )
+        candidate = LastGood(generation, spec, placement, draining)
         try:
-            if last is not None and last.generation == generation:
-                spec, placement = last.spec, last.placement  # a restart: no need to read the model
-            else:
-                spec, placement = plan(context, body)
-        except Rejected as rejected:
-            failure = rejected.failure
+            rendered_for(context, state, body, candidate)  # render errors are the spec's
+            # A new ModelDeployment (generation 1, never applied) has nothing to prune: that
+            # skips 7 list requests of the ~21 its first reconcile costs.
+            apply_last_good(
+                context, state, body, candidate, prune=last is not None or generation > 1
+            )
+            last = candidate
+            METRICS.set_plan(key[0], key[1], placement)
         except RenderError as error:
             failure = Failure("RenderFailed", str(error))
-        if failure is None:
-            draining = tuple(
-                p
-                for p in ((last.placement, *last.draining) if last else ())
-                if pool_name(p.instance_type, p.capacity_type)
-                != pool_name(placement.instance_type, placement.capacity_type)
-            )
-            candidate = LastGood(generation, spec, placement, draining)
-            try:
-                rendered_for(context, state, body, candidate)  # render errors are the spec's
-                # A new ModelDeployment (generation 1, never applied) has nothing to prune: that
-                # skips 7 list requests of the ~21 its first reconcile costs.
-                apply_last_good(
-                    context,
-                    state,
-                    body,
-                    candidate,
-                    indexes["pool_users"],
-                    prune=last is not None or generation > 1,
-                )
-                last = candidate
-                patch.metadata.setdefault("annotations", {})[LAST_GOOD] = candidate.annotation()
-                METRICS.set_plan(key[0], key[1], placement)
-            except RenderError as error:
-                failure = Failure("RenderFailed", str(error))
-            except KubeApiError as error:
-                failure = Failure("ApplyFailed", str(error))
-            except Exception as error:  # boto3 (node groups): network or throttling
-                failure = Failure("ApplyFailed", f"node group: {error}")
-        elif last is not None:
-            # Whatever is wrong with the new spec, what serves stays as it was (restored).
-            with contextlib.suppress(KubeApiError, RenderError):
-                apply_last_good(context, state, body, last, indexes["pool_users"], prune=False)
-        if failure is None:
-            state.failures.pop(key, None)
-        else:
-            state.failures[key] = failure
-        view = {**body, "metadata": {**body["metadata"]}}
-        if last is not None:
-            annotations = dict(body["metadata"].get("annotations") or {})
-            annotations[LAST_GOOD] = last.annotation()
-            view["metadata"]["annotations"] = annotations
-        previous = previous_status(state, key, body)
-        update = compute_status(
-            context,
-            state,
-            view,
-            last,
-            failure,
-            generation,
-            indexes["runtime_pods"],
-            indexes["node_claims"],
-            previous,
-            indexes["compile_jobs"],
-        )
-        # Written now, under the lock, not by kopf after the handler returns: a refresh that runs
-        # in between would otherwise be overwritten by this older view.
-        try:
-            write_status(context, state, key, update.status)
         except KubeApiError as error:
-            logger.warning("could not write the status of %s/%s: %s", key[0], key[1], error)
-        state.acted[key] = (generation, last)
-        post_events(body, update)
-        if failure is None:
-            outcome[0] = "success"
-            return
-        if failure.transient:
-            outcome[0] = "retry"
-            raise kopf.TemporaryError(failure.message, delay=backoff_seconds(retry))
-        outcome[0] = "rejected"
-        raise kopf.PermanentError(failure.message)
+            failure = Failure("ApplyFailed", str(error))
+        except Exception as error:  # boto3 (node groups): network or throttling
+            failure = Failure("ApplyFailed", f"node group: {error}")
+    elif last is not None:
+        # Whatever is wrong with the new spec, what serves stays as it was (restored).
+        with contextlib.suppress(KubeApiError, RenderError):
+            apply_last_good(context, state, body, last, prune=False)
+    if failure is None:
+        state.failures.pop(key, None)
+    else:
+        state.failures[key] = failure
+    state.acted[key] = (generation, last)
+    previous = previous_status(state, key, body)
+    update = compute_status(
+        context,
+        state,
+        body,
+        last,
+        failure,
+        generation,
+        indexes["runtime_pods"],
+        indexes["node_claims"],
+        previous,
+        indexes["compile_jobs"],
+    )
+    try:
+        write_status(context, state, key, update.status)
+    except KubeApiError as error:
+        # The plan that applied is not recorded yet: try again (this process restores children
+        # from memory meanwhile).
+        logger.warning("could not write the status of %s/%s: %s", key[0], key[1], error)
+        return failure or Failure("ApplyFailed", f"status: {error}")
+    post_events(body, update)
+    return failure
 
 
 def resync(context: Context, state: State, key: Key) -> None:
@@ -955,7 +1014,7 @@ def resync(context: Context, state: State, key: Key) -> None:
     lock = state.lock(key)
     if last is not None and lock.acquire(blocking=False):
         try:
-            apply_last_good(context, state, mds[0], last, indexes["pool_users"], prune=False)
+            apply_last_good(context, state, mds[0], last, prune=False)
         except (KubeApiError, RenderError) as error:
             logger.warning("resync of %s/%s: %s", key[0], key[1], error)
         finally:
@@ -1164,7 +1223,7 @@ def compile_job_changed(
     ):
         with holding(context, state, key, indexes):
             try:
-                apply_last_good(context, state, mds[0], last, indexes["pool_users"], prune=True)
+                apply_last_good(context, state, mds[0], last, prune=True)
             except (KubeApiError, RenderError) as error:
                 logger.warning("after the compile Job of %s/%s: %s", *key, error)
     wake(state, key, indexes)
@@ -1211,8 +1270,9 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     context: Context = memo.context
     state: State = memo.state
     key = key_of(body)
-    last = LastGood.from_body(body)
     with state.lock(key):
+        acted = state.acted.get(key)  # newer than the object while our status write is on its way
+        last = acted[1] if acted is not None else LastGood.from_body(body)
         try:
             if last is not None:
                 with contextlib.suppress(RenderError):

@@ -1,5 +1,5 @@
-"""A delaying, de-duplicating work queue (the status refreshes that watch events ask for), and
-the periodic resync.
+"""A delaying, de-duplicating work queue (reconciles, the status refreshes that watch events ask
+for, pool applies), and the periodic resync.
 
 A new ModelDeployment brings a burst of watch events (its Deployment, pod, Service and
 PodMonitor each change several times within a second or two), and every one of them asks for
@@ -9,7 +9,8 @@ after it: under load, ~3.7 status writes and their Events per new ModelDeploymen
 controller-runtime's rate-limited queue, this one holds a key for `delay` seconds from the first
 request, folds every request meanwhile into that one, and then runs it on one of a few threads
 of its own, so kopf's handler threads never wait on it. A key is never run twice at once; one
-asked for while it runs is run again after it.
+asked for while it runs is run again after it. A request may name its own delay (a retry's
+backoff); a key already waiting runs at the earlier of the two times.
 """
 
 from __future__ import annotations
@@ -31,46 +32,54 @@ class WorkQueue:
         delay: float,
         workers: int,
         context: contextvars.Context | None = None,
+        name: str = "refresh",
     ) -> None:
         """`context`: the context variables each run sees (kopf's Events need its settings and
         event queue, which kopf sets in its own tasks and handler threads only)."""
         self._run = run
+        self._name = name
         self.context = context
         self._delay = delay
-        self._due: list[tuple[float, int, Hashable]] = []  # heap of (when, order, key)
-        self._waiting: set[Hashable] = set()  # keys in the heap
+        # heap of (when, order, key); an entry whose time is not the key's in _waiting is stale
+        self._due: list[tuple[float, int, Hashable]] = []
+        self._waiting: dict[Hashable, float] = {}  # key -> when it runs
         self._running: set[Hashable] = set()
-        self._again: set[Hashable] = set()  # asked for while running
+        self._again: dict[Hashable, float] = {}  # asked for while running -> its delay
         self._order = 0
         self._closed = False
         self._condition = threading.Condition()
         self._threads = [
-            threading.Thread(target=self._work, name=f"refresh-{n}", daemon=True)
+            threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
             for n in range(workers)
         ]
         for thread in self._threads:
             thread.start()
 
-    def add(self, key: Hashable) -> None:
-        """Run `key` once, `delay` seconds from now, however often it is asked for meanwhile."""
+    def add(self, key: Hashable, delay: float | None = None) -> None:
+        """Run `key` once, `delay` seconds from now (the queue's delay if None), however often it
+        is asked for meanwhile; a key already waiting runs at the earlier time."""
+        delay = self._delay if delay is None else delay
         with self._condition:
             if self._closed:
                 return
             if key in self._running:
-                self._again.add(key)
-            elif key not in self._waiting:
-                self._push(key)
+                self._again[key] = min(delay, self._again.get(key, delay))
+            else:
+                self._push(key, delay)
 
-    def _push(self, key: Hashable) -> None:
+    def _push(self, key: Hashable, delay: float) -> None:
+        when = time.monotonic() + delay
+        if key in self._waiting and self._waiting[key] <= when:
+            return
         self._order += 1
-        heapq.heappush(self._due, (time.monotonic() + self._delay, self._order, key))
-        self._waiting.add(key)
+        heapq.heappush(self._due, (when, self._order, key))
+        self._waiting[key] = when
         self._condition.notify()
 
     def idle(self) -> bool:
         """Nothing waiting or running (the tests wait for it)."""
         with self._condition:
-            return not self._due and not self._running
+            return not self._waiting and not self._running
 
     def close(self) -> None:
         """Stop taking work; the threads end after what they are running."""
@@ -84,10 +93,14 @@ class WorkQueue:
         with self._condition:
             while not self._closed:
                 if self._due:
-                    wait = self._due[0][0] - time.monotonic()
+                    when, _, key = self._due[0]
+                    if self._waiting.get(key) != when:  # moved earlier, or run already
+                        heapq.heappop(self._due)
+                        continue
+                    wait = when - time.monotonic()
                     if wait <= 0:
-                        _, _, key = heapq.heappop(self._due)
-                        self._waiting.discard(key)
+                        heapq.heappop(self._due)
+                        del self._waiting[key]
                         self._running.add(key)
                         return key
                     self._condition.wait(wait)
@@ -102,14 +115,14 @@ class WorkQueue:
                     self.context.copy().run(self._run, key)
                 else:
                     self._run(key)
-            except Exception:  # a refresh logs its own API errors; anything else is a bug
-                logger.exception("refresh of %s failed", key)
+            except Exception:  # a run logs its own API errors; anything else is a bug
+                logger.exception("%s of %s failed", self._name, key)
             finally:
                 with self._condition:
                     self._running.discard(key)
-                    if key in self._again and not self._closed:
-                        self._again.discard(key)
-                        self._push(key)
+                    again = self._again.pop(key, None)
+                    if again is not None and not self._closed:
+                        self._push(key, again)
 
 
 class Resyncer:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from modelship.operator import handlers
 from modelship.operator.apply import (
     DEPLOYMENT,
     EC2_NODE_CLASS,
@@ -246,7 +247,8 @@ def test_create_runs_through_every_phase_on_real_objects(
     for kind in (DEPLOYMENT, SERVICE):
         child = wait_for(f"{kind.kind}", lambda kind=kind: kube.get(kind, ns, "chat"))
         assert child["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
-    assert kube.get(NODE_POOL, None, pool) is not None
+    # The pool follows from the pool queue once the index holds the plan (a second or two).
+    wait_for("the NodePool", lambda: kube.get(NODE_POOL, None, pool))
     assert kube.get(EC2_NODE_CLASS, None, pool) is not None
 
     # No node exists: the real scheduler says so; then Karpenter's NodeClaim appears.
@@ -595,6 +597,17 @@ def test_prune_deletes_only_what_the_model_deployment_owns(
     assert kube.get(SERVICE, ns, "owned-debug") is not None
 
 
+def events_since(kube: Kube, kind: Kind, namespace: str, version: str) -> list[tuple[str, str]]:
+    """(type, name) of the watch events of `kind` in `namespace` after resourceVersion `version`:
+    a watch from there replays them, and ends after a second."""
+    query = [("watch", "1"), ("resourceVersion", version), ("timeoutSeconds", "1")]
+    params = kube.api_client.param_serialize(
+        "GET", kind.path(namespace), query_params=query, auth_settings=["BearerToken"]
+    )
+    lines = kube.api_client.call_api(*params).read().splitlines()
+    return [(e["type"], e["object"]["metadata"]["name"]) for e in map(json.loads, lines)]
+
+
 def test_apply_failures_reach_status(
     operator: OperatorProcess, installed: ControlPlane, kube: Kube, tiny_model: Path
 ) -> None:
@@ -614,12 +627,34 @@ def test_apply_failures_reach_status(
             .get("hard")
         ),
     )
-    create_md(kube, ns, "quota", tiny(tiny_model))
-    md = md_where(
-        kube, ns, "quota", lambda md: condition(md, "Degraded").get("reason") == "ApplyFailed"
-    )
-    assert "exceeded quota" in md["status"]["message"]
-    assert "retrying" in md["status"]["message"]
+    for name in ("quota", "quota-gone"):
+        create_md(kube, ns, name, tiny(tiny_model))
+    for name in ("quota", "quota-gone"):
+        md = md_where(
+            kube, ns, name, lambda md: condition(md, "Degraded").get("reason") == "ApplyFailed"
+        )
+        assert "exceeded quota" in md["status"]["message"]
+        assert "retrying" in md["status"]["message"]
+    # Deleted while a retry is queued: the retry must not bring its children back.
+    assert kube.delete(MD, ns, "quota-gone")
+    wait_for("quota-gone gone", lambda: kube.get(MD, ns, "quota-gone") is None)
+    deleted = time.monotonic()
+    since = {
+        kind: kube.request("GET", kind.path(ns))["metadata"]["resourceVersion"]
+        for kind in (DEPLOYMENT, SERVICE)
+    }
+
+    # The failure was transient: once the quota is lifted, a retry (after its backoff) applies.
+    kube.request("DELETE", f"/api/v1/namespaces/{ns}/resourcequotas/no-services")
+    wait_for("the Service, on a retry", lambda: kube.get(SERVICE, ns, "quota"), timeout_seconds=60)
+    md = md_where(kube, ns, "quota", lambda md: condition(md, "Planned").get("status") == "True")
+    assert condition(md, "Degraded").get("reason") != "ApplyFailed", md["status"]
+    # Every retry queued before the deletion is due by now (backoffs of 10 s, then 20 s).
+    # (The garbage collector would delete a child made for the deleted owner at once: the watch
+    # replays what happened since the deletion, so such a child cannot hide.)
+    time.sleep(max(0.0, deleted + 2.2 * handlers.RETRY_SECONDS - time.monotonic()))
+    for kind, version in since.items():
+        assert ("ADDED", "quota-gone") not in events_since(kube, kind, ns, version), kind.kind
 
 
 def test_the_operator_refuses_to_start_without_a_cluster_name(

@@ -83,6 +83,49 @@ def test_a_failing_run_does_not_stop_the_queue() -> None:
         queue.close()
 
 
+def test_a_request_with_its_own_delay_waits_that_long_and_an_earlier_one_moves_it_forward() -> None:
+    """A retry waits out its backoff, but a new request for the same key (a spec edit) does not
+    wait behind it; a later request never delays a key already due sooner."""
+    runs: list[tuple[Hashable, float]] = []
+    queue = WorkQueue(lambda key: runs.append((key, time.monotonic())), delay=0.0, workers=1)
+    try:
+        started = time.monotonic()
+        queue.add("retry", delay=0.3)
+        queue.add("moved", delay=5.0)
+        queue.add("moved", delay=0.1)  # earlier: runs at 0.1 s, once
+        queue.add("moved", delay=2.0)  # later: changes nothing
+        wait_idle(queue)
+        at = {key: moment - started for key, moment in runs}
+        assert [key for key, _ in runs] == ["moved", "retry"]
+        assert 0.1 <= at["moved"] < 0.3 <= at["retry"] < 1.0
+    finally:
+        queue.close()
+
+
+def test_a_key_asked_for_while_running_keeps_the_delay_it_asked_for() -> None:
+    running = threading.Event()
+    release = threading.Event()
+    runs: list[float] = []
+
+    def run(key: Hashable) -> None:
+        runs.append(time.monotonic())
+        running.set()
+        if len(runs) == 1:
+            release.wait(5)
+
+    queue = WorkQueue(run, delay=0.0, workers=2)
+    try:
+        queue.add("a")
+        assert running.wait(5)
+        queue.add("a", delay=0.3)  # a retry asked for from inside the run
+        finished = time.monotonic()
+        release.set()
+        wait_idle(queue)
+        assert len(runs) == 2 and runs[1] - finished >= 0.3
+    finally:
+        queue.close()
+
+
 def test_closed_queue_takes_no_work() -> None:
     runs: list[Hashable] = []
     queue = WorkQueue(runs.append, delay=0.0, workers=1)
