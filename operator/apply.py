@@ -154,6 +154,14 @@ class Kube:
         still had to make: kopf waits for handler threads before it stops."""
         self._halted.set()
 
+    @property
+    def halted(self) -> bool:
+        return self._halted.is_set()
+
+    def check_not_halted(self, what: str) -> None:
+        if self._halted.is_set():
+            raise KubeApiError(0, "Halted", "this replica is not the leader any more", what)
+
     @classmethod
     def from_environment(cls, timeout_seconds: float = REQUEST_TIMEOUT_SECONDS) -> Kube:
         """Credentials from the pod's service account, else from $KUBECONFIG / ~/.kube/config."""
@@ -195,8 +203,7 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         what = f"{method} {path}"
-        if self._halted.is_set():
-            raise KubeApiError(0, "Halted", "this replica is not the leader any more", what)
+        self.check_not_halted(what)
         try:
             response = self.api_client.call_api(*params, _request_timeout=self.timeout_seconds)
             data = response.read()
@@ -207,11 +214,16 @@ class Kube:
             raise KubeApiError(
                 status, str(getattr(error, "reason", "")), str(error), what
             ) from error
-        decoded = json.loads(data) if data else None
         if response.status >= 400:
+            # A Status object, or plain text: an API group nobody serves (its CRD is not
+            # installed) answers "404 page not found".
+            try:
+                decoded = json.loads(data) if data else None
+            except ValueError:
+                decoded = {"message": data.decode(errors="replace").strip()}
             status_message = decoded.get("message", "") if isinstance(decoded, dict) else ""
             raise KubeApiError(response.status, str(response.reason), status_message, what)
-        return decoded
+        return json.loads(data) if data else None
 
     def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

@@ -12,8 +12,10 @@
   API server that fails for now is retried with backoff and shown in status meanwhile.
 - Watches wake the owner, as controller-runtime's `Owns()` does: a child deleted or edited by
   hand is restored at once; a changed workload, pod or NodeClaim refreshes status (written only
-  when it changed). Pods, NodeClaims and ModelDeployments are read from kopf indexes, so an idle
-  ModelDeployment costs no requests. A slow resync (MODELSHIP_RESYNC_SECONDS; one thread,
+  when it changed). Children and pods, the many objects, are watched by informers of our own
+  (informer.py), which handle each event as they read it; ModelDeployments, compile Jobs,
+  NodeClaims and pools by kopf. Pods, NodeClaims and ModelDeployments are read from the
+  informers' store and kopf's indexes, so an idle ModelDeployment costs no requests. A slow resync (MODELSHIP_RESYNC_SECONDS; one thread,
   spread evenly over the period) is the safety net.
 - Node pools are aggregates: the `pool_users` index maps each pool to the ModelDeployments that
   want it (current placement, and the previous one until the new workload is rolled out: make
@@ -48,8 +50,10 @@ import kopf
 from . import compilejob
 from .api import GROUP, PLURAL, VERSION, ModelDeploymentSpec, SpecError, check_name, load_spec
 from .apply import (
+    CHILD_KINDS,
     KARPENTER_POOL_LABEL,
     MD_LABEL,
+    POD,
     REQUEST_TIMEOUT_SECONDS,
     WORKLOAD_KINDS,
     Kind,
@@ -67,6 +71,7 @@ from .apply import (
 )
 from .catalog import Catalog, load_catalog
 from .config import ConfigError, OperatorConfig, check_operator_config, load_config
+from .informer import Informer, Store
 from .kvfeedback import PrometheusError, measured_kv_tokens
 from .leader import LeaderElector, LeaseSettings
 from .modelinfo import ModelInfoError, inspect_model, s3_client
@@ -97,6 +102,7 @@ MAX_RETRY_SECONDS = 300
 # kopf's, for its sync handlers (cleanup, compile Jobs, pool restores), and the reconciles'.
 MAX_WORKERS = 16
 RECONCILE_WORKERS = 16
+RESTORE_WORKERS = 2
 # Watch events ask for status refreshes through a queue (workqueue.py): each key waits this long,
 # folding the burst of events a new or changing ModelDeployment brings into one refresh.
 REFRESH_DELAY_SECONDS = 1.0
@@ -106,24 +112,15 @@ REFRESH_WORKERS = 8
 _RECONCILING: list[Kube] = []
 RESOURCE = (GROUP, VERSION, PLURAL)
 MD_KIND = Kind(f"{GROUP}/{VERSION}", "ModelDeployment", PLURAL, True)
-CHILD_RESOURCES: tuple[tuple[str, ...], ...] = (
-    ("deployments.apps",),
-    ("v1", "services"),
-    ("poddisruptionbudgets.policy",),
-    ("scaledobjects.keda.sh",),
-    ("horizontalpodautoscalers.autoscaling",),
-    ("podmonitors.monitoring.coreos.com",),
-    ("leaderworkersets.leaderworkerset.x-k8s.io",),
-)
 POOL_RESOURCES = ("nodepools.karpenter.sh", "ec2nodeclasses.karpenter.k8s.aws")
 MANAGED = {"app.kubernetes.io/managed-by": "modelship"}
 # Label selectors the API server applies to every watch but the ModelDeployments' own: the
 # handlers below take only objects with these labels. kopf filters a handler's `labels` on its
-# side, so without them it would watch every pod, Deployment, Service and Job of the cluster,
-# decoding each event and keeping a memory of each object.
+# side, so without them it would watch every Job and NodeClaim of the cluster, decoding each
+# event and keeping a memory of each object. Children and pods, the many objects, are watched by
+# informers of our own (informer.py) with the selector INFORMER_SELECTOR.
+INFORMER_SELECTOR = MD_LABEL
 WATCH_SELECTORS: dict[tuple[str, ...], str] = {
-    **{resource: MD_LABEL for resource in CHILD_RESOURCES},
-    ("v1", "pods"): MD_LABEL,
     ("jobs.batch",): f"{MD_LABEL},{compilejob.ROLE_LABEL}=compile",
     ("nodeclaims.karpenter.sh",): KARPENTER_POOL_LABEL,
     **{
@@ -155,6 +152,8 @@ class State:
     # them use this rather than the watched object, whose annotation and status may lag.
     acted: dict[Key, tuple[int, LastGood | None]] = field(default_factory=dict)
     workloads: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # (namespace, ModelDeployment) -> its pods (metadata, node, status), from the pod informer.
+    pods: Store = field(default_factory=Store)
     # KV-cache tokens vLLM allocated, read from Prometheus at each resync (kvfeedback.py).
     measured_kv: dict[Key, int] = field(default_factory=dict)
     applied_pools: dict[str, str] = field(default_factory=dict)
@@ -177,6 +176,12 @@ class State:
     # kopf's indexes they read (the same live objects in every handler's kwargs).
     reconciles: WorkQueue | None = None
     queue: WorkQueue | None = None
+    # Children to restore: (owner, child) -> (owner, the child as last seen, deleted).
+    restores: WorkQueue | None = None
+    restoring: dict[tuple[Key, Any], tuple[dict[str, Any], dict[str, Any], bool]] = field(
+        default_factory=dict
+    )
+    informers: list[Informer] = field(default_factory=list)
     pool_queue: WorkQueue | None = None
     resyncer: Resyncer | None = None
     indexes: Mapping[str, Any] = field(default_factory=dict)
@@ -345,14 +350,6 @@ def pool_users(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> d
     }
 
 
-@kopf.index("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
-def runtime_pods(
-    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
-) -> dict[Key, Any]:
-    """(namespace, ModelDeployment) -> its pods (metadata, node, status)."""
-    return {(namespace or "", labels[MD_LABEL]): _slim(body, keep_spec=("nodeName",))}
-
-
 @kopf.index("nodeclaims.karpenter.sh", labels={KARPENTER_POOL_LABEL: kopf.PRESENT})
 def node_claims(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
     """Karpenter pool -> its NodeClaims (metadata, status)."""
@@ -476,7 +473,6 @@ def compute_status(
     last: LastGood | None,
     failure: Failure | None,
     generation: int,
-    pods_index: Any,
     claims_index: Any,
     previous: Mapping[str, Any] | None,
     jobs_index: Any = None,
@@ -497,7 +493,7 @@ def compute_status(
         node_group_status = node_group.status if node_group else None
     observation = Observation(
         workload=state.workloads.get(key) if workload is not None else None,
-        pods=_index_list(pods_index, key),
+        pods=_index_list(state.pods, key),
         node_claims=_index_list(claims_index, rendered.pool_name) if rendered else [],
         node_group_status=node_group_status,
     )
@@ -608,14 +604,23 @@ def refresh(context: Context, state: State, key: Key, indexes: Mapping[str, Any]
             lock.release()
 
 
-def wake(state: State, key: Key, indexes: Mapping[str, Any]) -> None:
-    """Ask for a refresh of `key` soon (see REFRESH_DELAY_SECONDS); never waits. Called from
-    kopf's handlers, whose context holds what kopf.event() needs (its settings and its Event
-    queue and loop; start-up handlers see only the settings): the refreshes run in it."""
+def from_kopf(state: State, indexes: Mapping[str, Any]) -> None:
+    """Called by kopf's handlers: keep its indexes (the same live objects in every handler's
+    kwargs), and the first time, its context, which holds what kopf.event() needs (its settings,
+    its Event queue and loop; start-up handlers see only the settings). The queues' threads run
+    in it."""
     state.indexes = indexes
+    for queue in (state.reconciles, state.queue, state.restores):
+        if queue is not None and queue.context is None:
+            queue.context = contextvars.copy_context()
+
+
+def wake(state: State, key: Key, indexes: Mapping[str, Any] | None = None) -> None:
+    """Ask for a refresh of `key` soon (see REFRESH_DELAY_SECONDS); never waits. `indexes`:
+    called from a kopf handler (see from_kopf)."""
+    if indexes is not None:
+        from_kopf(state, indexes)
     if state.queue is not None:
-        if state.queue.context is None:
-            state.queue.context = contextvars.copy_context()
         state.queue.add(key)
 
 
@@ -649,7 +654,6 @@ def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[s
             last,
             state.failures.get(key),
             generation,
-            indexes["runtime_pods"],
             indexes["node_claims"],
             previous,
             indexes["compile_jobs"],
@@ -677,7 +681,6 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         for name in (
             "model_deployments",
             "pool_users",
-            "runtime_pods",
             "node_claims",
             "compile_jobs",
         )
@@ -732,6 +735,24 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         delay=REFRESH_DELAY_SECONDS,
         workers=REFRESH_WORKERS,
     )
+    state.restores = WorkQueue(
+        lambda item: restore_child(context, state, cast(tuple[Key, Any], item)),
+        delay=0.0,
+        workers=RESTORE_WORKERS,
+        name="restore",
+    )
+    # Children and pods are watched by informers of our own (informer.py), with a client of
+    # their own: each holds its connection for as long as it watches.
+    watcher = Kube.from_environment()
+    _RECONCILING.append(watcher)
+    state.informers = [
+        Informer(watcher, kind, INFORMER_SELECTOR, handle, namespace).start()
+        for kind, handle in (
+            *((kind, functools.partial(child_event, context, state)) for kind in CHILD_KINDS),
+            (POD, functools.partial(pod_event, state)),
+        )
+        for namespace in (config.namespaces or (None,))
+    ]
     # A pool's users change in bursts (a thousand new ModelDeployments of one instance type):
     # its combination is applied at most once per delay, from one thread.
     state.pool_queue = WorkQueue(
@@ -762,7 +783,11 @@ async def stop_refreshing(memo: kopf.Memo, **_: Any) -> None:
     """kopf stops (SIGTERM, or the Lease was lost): its reconcile and refresh threads stop with
     it (after what they are running)."""
     state: State | None = getattr(memo, "state", None)
-    for queue in (state.reconciles, state.queue, state.pool_queue) if state is not None else ():
+    if state is None:
+        return
+    for informer in state.informers:
+        informer.stop()
+    for queue in (state.reconciles, state.queue, state.pool_queue, state.restores):
         if queue is not None:
             queue.close()
     if state is not None and state.resyncer is not None:
@@ -884,10 +909,8 @@ async def reconcile(memo: kopf.Memo, namespace: str | None, name: str, **kwargs:
     a retry of the old one. Runs on kopf's event loop; its context is what kopf.event() needs
     (see wake), so the reconcile threads run in it."""
     state: State = memo.state
-    state.indexes = _indexes(kwargs)
+    from_kopf(state, _indexes(kwargs))
     if state.reconciles is not None:
-        if state.reconciles.context is None:
-            state.reconciles.context = contextvars.copy_context()
         state.reconciles.add((namespace or "", name), delay=0.0)
 
 
@@ -988,7 +1011,6 @@ def _reconcile_locked(
         last,
         failure,
         generation,
-        indexes["runtime_pods"],
         indexes["node_claims"],
         previous,
         indexes["compile_jobs"],
@@ -1055,36 +1077,47 @@ def index_keys(state: State, name: str) -> list[Any]:
 # ---- watches of children, pods, node claims and pools -----------------------------------------
 
 
-async def child_changed(
-    event: kopf.RawEvent,
-    body: kopf.Body,
-    namespace: str | None,
-    labels: kopf.Labels,
-    memo: kopf.Memo,
-    **kwargs: Any,
-) -> None:
-    """A child changed or went: restore it if it drifted from its render; refresh status.
-    Runs on kopf's event loop (no thread per watch event); only a restore goes to a thread."""
-    context: Context = memo.context
-    state: State = memo.state
-    key = (namespace or "", labels[MD_LABEL])
-    deleted = event.get("type") == "DELETED"
-    kind = (body.get("apiVersion"), body.get("kind"))
-    if kind in (("apps/v1", "Deployment"), ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")):
+def child_event(context: Context, state: State, event: str | None, body: dict[str, Any]) -> None:
+    """A child changed or went (informer thread): keep its workload's status, queue a restore
+    if it drifted from its render or was deleted, refresh its owner's status."""
+    meta = body.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(MD_LABEL)
+    if not owner:
+        return
+    key = (str(meta.get("namespace") or ""), str(owner))
+    deleted = event == "DELETED"
+    if kind_of(body) in WORKLOAD_KINDS:
         if deleted:
             state.workloads.pop(key, None)
         else:
             state.workloads[key] = _slim(body, keep_spec=("replicas",))
-    indexes = _indexes(kwargs)
-    mds = _index_list(indexes["model_deployments"], key)
+    mds = _index_list(state.indexes.get("model_deployments"), key)
     live_md = mds[0] if mds and not mds[0]["metadata"].get("deletionTimestamp") else None
     if (
         live_md is not None
-        and event.get("type") is not None
+        and event is not None  # the first listing: what exists is resynced, not restored
         and (deleted or _maybe_drifted(context, state, key, live_md, body))
+        and state.restores is not None
     ):
-        await asyncio.to_thread(restore_child, context, state, key, live_md, body, deleted)
-    wake(state, key, indexes)
+        item = (key, object_key(body))
+        state.restoring[item] = (live_md, body, deleted)
+        state.restores.add(item)
+    wake(state, key)
+
+
+def pod_event(state: State, event: str | None, body: dict[str, Any]) -> None:
+    """A runtime pod changed or went (informer thread): its ModelDeployment's phase may move."""
+    meta = body.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(MD_LABEL)
+    if not owner:
+        return
+    key = (str(meta.get("namespace") or ""), str(owner))
+    if event == "DELETED":
+        state.pods.remove(key, str(meta.get("uid")))
+    else:
+        state.pods.put(key, str(meta.get("uid")), _slim(body, keep_spec=("nodeName",)))
+    if event is not None:
+        wake(state, key)
 
 
 def _maybe_drifted(
@@ -1105,21 +1138,19 @@ def _wanted(
     return next((c for c in rendered.children if object_key(c) == object_key(live)), None)
 
 
-def restore_child(
-    context: Context,
-    state: State,
-    key: Key,
-    md: Mapping[str, Any],
-    live: Mapping[str, Any],
-    deleted: bool,
-) -> None:
-    """Apply a drifted or deleted child again, and say so in an Event.
+def restore_child(context: Context, state: State, item: tuple[Key, Any]) -> None:
+    """Apply a drifted or deleted child again (the restore queue), and say so in an Event.
 
     Decided under the lock, against the plan acted on by then: a child deleted while its first
     reconcile is still writing status (the plan not yet recorded) is restored once that reconcile
     ends, and one that changed during a reconcile of a new generation gets the new render, not
     the one it was compared with."""
+    key = item[0]
     with state.lock(key):
+        seen = state.restoring.pop(item, None)
+        if seen is None:
+            return
+        md, live, deleted = seen
         last = state.acted.get(key, (0, None))[1]
         wanted = _wanted(context, state, md, last, live) if last is not None else None
         if wanted is None or not (deleted or _drifted(live, wanted)):
@@ -1146,10 +1177,6 @@ def _drifted(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     return (
         wanted_replicas is not None and (live.get("spec") or {}).get("replicas") != wanted_replicas
     )
-
-
-for _resource in CHILD_RESOURCES:
-    kopf.on.event(*_resource, labels={MD_LABEL: kopf.PRESENT})(child_changed)
 
 
 @kopf.on.event(*RESOURCE)
@@ -1185,15 +1212,6 @@ def combine_pool(context: Context, state: State, pool: str) -> None:
         sync_pools(context, state, index, [pool], "", None)
     except KubeApiError as error:
         logger.warning("could not apply pool %s: %s", pool, error)
-
-
-@kopf.on.event("v1", "pods", labels={MD_LABEL: kopf.PRESENT})
-async def pod_changed(
-    event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
-) -> None:
-    """A runtime pod changed: its ModelDeployment's phase may have moved."""
-    if event.get("type") is not None:
-        wake(memo.state, (namespace or "", labels[MD_LABEL]), _indexes(kwargs))
 
 
 @kopf.on.event("jobs.batch", labels={MD_LABEL: kopf.PRESENT, compilejob.ROLE_LABEL: "compile"})
@@ -1399,9 +1417,7 @@ async def run_elected(config: OperatorConfig, health_address: str | None, health
 EVENT_HANDLERS = tuple(
     getattr(handler, "__name__", "")
     for handler in (
-        child_changed,
         model_deployment_changed,
-        pod_changed,
         node_claim_changed,
         pool_changed,
         compile_job_changed,
