@@ -166,7 +166,7 @@ def test_a_model_its_serving_node_cannot_compile_is_compiled_first(
     assert md is not None and COMPILED_ANNOTATION in md["metadata"]["annotations"]
     wait_for("the compile pool to go", lambda: kube.get(NODE_POOL, None, pool_name) is None, 30)
     assert kube.get(EC2_NODE_CLASS, None, pool_name) is None
-    assert kube.get(NODE_POOL, None, "modelship-inf2-xlarge-od") is not None
+    wait_for("the serving pool", lambda: kube.get(NODE_POOL, None, "modelship-inf2-xlarge-od"))
     md = md_where(kube, NS, NAME, lambda md: condition(md, "Compiled").get("status") == "True")
     assert md["status"]["phase"] != "Compiling"
 

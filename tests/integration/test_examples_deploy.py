@@ -142,5 +142,6 @@ def test_example_deploys_to_its_planned_hardware(
     if replicas.get("max", replicas.get("min", 1)) > replicas.get("min", 1):
         wait_for(f"{name}'s ScaledObject", lambda: kube.get(SCALED_OBJECT, NAMESPACE, name))
     pool = plan["nodePool"]
-    assert kube.get(NODE_POOL, None, pool) is not None
+    # Pools are applied from the operator's pool queue once its index holds the plan.
+    wait_for(f"{name}'s NodePool", lambda: kube.get(NODE_POOL, None, pool))
     assert kube.get(EC2_NODE_CLASS, None, pool) is not None
