@@ -515,12 +515,13 @@ def compute_status(
     last: LastGood | None,
     failure: Failure | None,
     generation: int,
-    claims_index: Any,
-    previous: Mapping[str, Any] | None,
-    jobs_index: Any = None,
-) -> StatusUpdate:
-    """The status to write, from what the watches have seen (no requests)."""
+    indexes: Mapping[str, Any],
+) -> tuple[Mapping[str, Any] | None, StatusUpdate]:
+    """The newest status known (previous_status) and the status to write, from what the watches
+    have seen (no requests)."""
     key = key_of(body)
+    previous = previous_status(state, key, body)
+    claims_index, jobs_index = indexes.get("node_claims"), indexes.get("compile_jobs")
     facts = render_facts(context, state, body, last) if last else None
     selector = facts.selector if facts else None
     node_group_status = None
@@ -559,7 +560,7 @@ def compute_status(
     )
     if last is not None:  # kept with the status: no request of its own
         update.status["lastGood"] = last.annotation()
-    return update
+    return previous, update
 
 
 def _as_body(obj: Mapping[str, Any]) -> kopf.Body:
@@ -682,17 +683,8 @@ def _refresh_locked(context: Context, state: State, key: Key, indexes: Mapping[s
         released: LastGood | None = None
         if last and last.draining and rollout_done(state.workloads.get(key), last.generation):
             released, last = last, LastGood(last.generation, last.spec, last.placement)
-        previous = previous_status(state, key, body)
-        update = compute_status(
-            context,
-            state,
-            body,
-            last,
-            state.failures.get(key),
-            generation,
-            indexes["node_claims"],
-            previous,
-            indexes["compile_jobs"],
+        previous, update = compute_status(
+            context, state, body, last, state.failures.get(key), generation, indexes
         )
         if _status_changed(previous, update.status):
             write_status(context, state, key, update.status)
@@ -1039,18 +1031,7 @@ def _reconcile_locked(
     else:
         state.failures[key] = failure
     state.acted[key] = (generation, last)
-    previous = previous_status(state, key, body)
-    update = compute_status(
-        context,
-        state,
-        body,
-        last,
-        failure,
-        generation,
-        indexes["node_claims"],
-        previous,
-        indexes["compile_jobs"],
-    )
+    _, update = compute_status(context, state, body, last, failure, generation, indexes)
     try:
         write_status(context, state, key, update.status)
     except KubeApiError as error:
