@@ -42,6 +42,16 @@ KARPENTER_POOL_LABEL = "karpenter.sh/nodepool"
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 
+def error_message(data: bytes) -> str:
+    """The message of an error answer: a Status object's, or the plain text an API group
+    nobody serves (its CRD is not installed) answers: "404 page not found"."""
+    try:
+        decoded = json.loads(data) if data else None
+    except ValueError:
+        return data.decode(errors="replace").strip()
+    return str(decoded.get("message", "")) if isinstance(decoded, dict) else ""
+
+
 class KubeApiError(Exception):
     """A Kubernetes API call that failed; `status` is the HTTP status (0: no answer)."""
 
@@ -215,14 +225,7 @@ class Kube:
                 status, str(getattr(error, "reason", "")), str(error), what
             ) from error
         if response.status >= 400:
-            # A Status object, or plain text: an API group nobody serves (its CRD is not
-            # installed) answers "404 page not found".
-            try:
-                decoded = json.loads(data) if data else None
-            except ValueError:
-                decoded = {"message": data.decode(errors="replace").strip()}
-            status_message = decoded.get("message", "") if isinstance(decoded, dict) else ""
-            raise KubeApiError(response.status, str(response.reason), status_message, what)
+            raise KubeApiError(response.status, str(response.reason), error_message(data), what)
         return json.loads(data) if data else None
 
     def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:

@@ -1094,14 +1094,19 @@ def index_keys(state: State, name: str) -> list[Any]:
 # ---- watches of children, pods, node claims and pools -----------------------------------------
 
 
+def owner_of(body: Mapping[str, Any]) -> Key | None:
+    """The ModelDeployment a labelled child or pod belongs to, or None."""
+    meta = body.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(MD_LABEL)
+    return (str(meta.get("namespace") or ""), str(owner)) if owner else None
+
+
 def child_event(context: Context, state: State, event: str | None, body: dict[str, Any]) -> None:
     """A child changed or went (informer thread): keep its workload's status, queue a restore
     if it drifted from its render or was deleted, refresh its owner's status."""
-    meta = body.get("metadata") or {}
-    owner = (meta.get("labels") or {}).get(MD_LABEL)
-    if not owner:
+    key = owner_of(body)
+    if key is None:
         return
-    key = (str(meta.get("namespace") or ""), str(owner))
     deleted = event == "DELETED"
     if kind_of(body) in WORKLOAD_KINDS:
         if deleted:
@@ -1124,15 +1129,14 @@ def child_event(context: Context, state: State, event: str | None, body: dict[st
 
 def pod_event(state: State, event: str | None, body: dict[str, Any]) -> None:
     """A runtime pod changed or went (informer thread): its ModelDeployment's phase may move."""
-    meta = body.get("metadata") or {}
-    owner = (meta.get("labels") or {}).get(MD_LABEL)
-    if not owner:
+    key = owner_of(body)
+    if key is None:
         return
-    key = (str(meta.get("namespace") or ""), str(owner))
+    uid = str(body["metadata"].get("uid"))
     if event == "DELETED":
-        state.pods.remove(key, str(meta.get("uid")))
+        state.pods.remove(key, uid)
     else:
-        state.pods.put(key, str(meta.get("uid")), _slim(body, keep_spec=("nodeName",)))
+        state.pods.put(key, uid, _slim(body, keep_spec=("nodeName",)))
     if event is not None:
         wake(state, key)
 

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
-from .apply import Kind, Kube, KubeApiError
+from .apply import Kind, Kube, KubeApiError, error_message
 
 logger = logging.getLogger("modelship.operator")
 
@@ -234,12 +234,7 @@ class Informer:
             self._response = raw
         try:
             if response.status >= 400:
-                data = raw.read()
-                try:
-                    decoded = json.loads(data) if data else {}
-                except ValueError:  # plain text: "404 page not found"
-                    decoded = {"message": data.decode(errors="replace").strip()}
-                message = decoded.get("message", "") if isinstance(decoded, Mapping) else ""
+                message = error_message(raw.read())
                 if response.status == 410:
                     raise Gone()
                 if response.status == 404:
