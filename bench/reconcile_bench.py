@@ -1,15 +1,18 @@
 """Reconcile throughput, latency, memory, CPU and idle API load of the operator on a real
-Kubernetes control plane, side by side with a no-op kopf operator (bench/noop_operator.py).
+Kubernetes control plane, side by side with two kopf peers: a no-op operator
+(bench/noop_operator.py) and one that creates the same children as modelship with no planning
+(bench/children_operator.py).
 
 One run starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler v1.36
 (tests/servers/kubeplane.py, assets from MODELSHIP_KUBE_ASSETS or ../shared/kube) with an audit
-log of the two operators' ServiceAccounts, applies manifests/install.yaml, starts SeaweedFS
+log of the operators' ServiceAccounts, applies manifests/install.yaml, starts SeaweedFS
 (`weed mini`) and uploads the tiny offline model (runtime/tinymodel.py) to it. Then, for each
-size, rounds alternate: the no-op operator, then `modelship operator` (each its own process with
-a ServiceAccount token, started for its round and stopped after it). A round creates N
-ModelDeployments of `s3://models/tiny` at once (8 client threads) in a fresh namespace and polls
-every max(0.5, N/250) s until each is reconciled: modelship's has `status.plan` and its Deployment exists,
-the no-op's has `status.benchNoop`. Latency = reconciled seen - create returned.
+size, rounds alternate: the no-op operator, the children operator, then `modelship operator`
+(each its own process with a ServiceAccount token, started for its round and stopped after
+it). A round creates N ModelDeployments of `s3://models/tiny` at once (8 client threads) in a
+fresh namespace and polls every max(0.5, N/250) s until each is reconciled: modelship's has
+`status.plan` and its Deployment exists, the children operator's has `status.benchNoop` and its
+Deployment exists, the no-op's has `status.benchNoop`. Latency = reconciled seen - create returned.
 
 Figures per round: time until all are reconciled, rate (N / that time), p50/p95 latency, the
 operator's RSS (peak and at the end) and CPU seconds, its API requests (audit events at stage
@@ -62,12 +65,20 @@ from tests.servers.kubeplane import (
 REPO = Path(__file__).resolve().parent.parent
 MD = Kind("modelship.dev/v1alpha1", "ModelDeployment", "modeldeployments", True)
 EVENT = Kind("v1", "Event", "events", True)
-NOOP_SERVICE_ACCOUNT = "bench-noop"
 NOOP_LABEL = "bench.modelship.dev/operator"
-USERS = {
-    "modelship": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}",
-    "noop": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{NOOP_SERVICE_ACCOUNT}",
+# The peers: a kopf script each, run under a ServiceAccount of their own bound to the chart's
+# ClusterRole.
+PEERS = {"noop": "noop_operator.py", "children": "children_operator.py"}
+SERVICE_ACCOUNTS = {"modelship": OPERATOR_SERVICE_ACCOUNT} | {
+    peer: f"bench-{peer}" for peer in PEERS
 }
+USERS = {
+    which: f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}"
+    for which, account in SERVICE_ACCOUNTS.items()
+}
+# The placeholders bench/children_operator.py replaces in the template it is given.
+TEMPLATE_NAME, TEMPLATE_NAMESPACE = "zzbenchtemplatezz", "zzbenchnamespacezz"
+TEMPLATE_UID = "11111111-2222-3333-4444-555555555555"
 S3_KEY, S3_SECRET = "benchkey", "benchsecret"
 
 
@@ -121,25 +132,25 @@ def proc_figures(pid: int) -> dict[str, float]:
     }
 
 
-class NoopOperator:
-    """bench/noop_operator.py under `kopf run`, its own process with a ServiceAccount token."""
+class PeerOperator:
+    """A peer's script (PEERS) under `kopf run`, its own process with a ServiceAccount token."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(self, script: str, kubeconfig: Path, log_path: Path, env: dict[str, str]) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/healthz"
         kopf = Path(sys.executable).parent / "kopf"
         self.process = subprocess.Popen(
             [
                 str(kopf), "run", "--standalone", "--all-namespaces",
-                "--liveness", self.url, str(REPO / "bench" / "noop_operator.py"),
+                "--liveness", self.url, str(REPO / "bench" / script),
             ],
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            env={**os.environ, **env, "KUBECONFIG": str(kubeconfig)},
             cwd=log_path.parent,  # never the repository root (its operator/ folder)
             start_new_session=True,
         )  # fmt: skip
-        wait_for("the no-op operator's liveness", self._alive, timeout_seconds=60)
+        wait_for(f"{script}'s liveness", self._alive, timeout_seconds=60)
 
     def _alive(self) -> bool:
         try:
@@ -157,9 +168,9 @@ class NoopOperator:
             self.process.wait(5)
 
 
-def create_all(kube: Kube, namespace: str, size: int, uri: str, noop: bool) -> dict[str, float]:
+def create_all(kube: Kube, namespace: str, size: int, uri: str, which: str) -> dict[str, float]:
     """Create `size` ModelDeployments at once (8 threads); name -> when its create returned."""
-    labels = {NOOP_LABEL: "noop"} if noop else {}
+    labels = {NOOP_LABEL: which} if which in PEERS else {}
 
     def one(index: int) -> tuple[str, float]:
         name = f"md-{index:04d}"
@@ -174,6 +185,34 @@ def create_all(kube: Kube, namespace: str, size: int, uri: str, noop: bool) -> d
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         return dict(pool.map(one, range(size)))
+
+
+def render_children_template(work: Path, env: dict[str, str], uri: str) -> None:
+    """What `modelship render` makes of one ModelDeployment of `uri` with the operator's
+    settings, for bench/children_operator.py: placeholders for the name, namespace and uid."""
+    md = {
+        "apiVersion": "modelship.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": TEMPLATE_NAME},
+        "spec": {"model": {"uri": uri}},
+    }
+    (work / "template-md.yaml").write_text(yaml.safe_dump(md))
+    rendered = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "modelship"), "render",
+            "-f", str(work / "template-md.yaml"), "-n", TEMPLATE_NAMESPACE,
+            "--uid", TEMPLATE_UID, "--cluster-name", env["MODELSHIP_CLUSTER_NAME"],
+            "--node-role", env["MODELSHIP_NODE_ROLE"],
+            "--endpoint-url", env["MODELSHIP_S3_ENDPOINT_URL"],
+        ],
+        env={**os.environ, **env},
+        cwd=work,  # never the repository root (its operator/ folder)
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    documents = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    (work / "children.json").write_text(json.dumps(documents))
 
 
 def pct(values: list[float], p: float) -> float:
@@ -279,7 +318,8 @@ def run_round(
         wait_for("the operator to lead", lambda: (operator.healthz() or {}).get("leader"))
         pid = operator.process.pid
     else:
-        operator = NoopOperator(kubeconfigs[which], log)
+        template = {"BENCH_CHILDREN_TEMPLATE": str(work / "children.json")}
+        operator = PeerOperator(PEERS[which], kubeconfigs[which], log, template)
         pid = operator.process.pid
     result: dict[str, Any] = {"operator": which, "size": size}
     try:
@@ -310,7 +350,7 @@ def run_round(
         plane_before = plane_cpu(plane)
         result["rss_start_mib"] = before["rss_mib"]
         wall_start, started = time.time(), time.monotonic()
-        created = create_all(kube, namespace, size, uri, noop=which == "noop")
+        created = create_all(kube, namespace, size, uri, which)
         result["create_seconds"] = round(max(created.values()) - started, 2)
         seen: dict[str, float] = {}
         peak_fds = 0
@@ -327,7 +367,7 @@ def run_round(
                     (d["metadata"].get("labels") or {}).get(MD_LABEL)
                     for d in kube.list(DEPLOYMENT, namespace)
                 }
-                if which == "modelship"
+                if which != "noop"
                 else set()
             )
             for item in kube.list(MD, namespace):
@@ -337,6 +377,7 @@ def run_round(
                     bool(status.get("plan")) and name in deployments
                     if which == "modelship"
                     else status.get("benchNoop") == "reconciled"
+                    and (which == "noop" or name in deployments)
                 )
                 if done and name not in seen:
                     seen[name] = now
@@ -411,7 +452,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="100,1000")
-    parser.add_argument("--operators", default="noop,modelship")
+    parser.add_argument("--operators", default="noop,children,modelship")
     parser.add_argument("--steady-seconds", type=float, default=60.0)
     parser.add_argument("--settle-seconds", type=float, default=15.0)
     parser.add_argument("--timeout-seconds", type=float, default=600.0)
@@ -449,40 +490,40 @@ def main() -> int:
     try:
         install_crds(plane, schemas, REPO / "crds")
         plane.kubectl("apply", "--server-side", "-f", str(INSTALL_YAML))
-        noop_rbac = [
-            {
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {"name": NOOP_SERVICE_ACCOUNT, "namespace": OPERATOR_NAMESPACE},
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": {"name": NOOP_SERVICE_ACCOUNT},
-                # The chart's own ClusterRole: the same permissions as modelship's token.
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "modelship",
+        peer_rbac = [
+            document
+            for peer in PEERS
+            for document in (
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": SERVICE_ACCOUNTS[peer], "namespace": OPERATOR_NAMESPACE},
                 },
-                "subjects": [
-                    {
-                        "kind": "ServiceAccount",
-                        "name": NOOP_SERVICE_ACCOUNT,
-                        "namespace": OPERATOR_NAMESPACE,
-                    }
-                ],
-            },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "ClusterRoleBinding",
+                    "metadata": {"name": SERVICE_ACCOUNTS[peer]},
+                    # The chart's own ClusterRole: the same permissions as modelship's token.
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "ClusterRole",
+                        "name": "modelship",
+                    },
+                    "subjects": [
+                        {
+                            "kind": "ServiceAccount",
+                            "name": SERVICE_ACCOUNTS[peer],
+                            "namespace": OPERATOR_NAMESPACE,
+                        }
+                    ],
+                },
+            )
         ]
-        (work / "noop-rbac.yaml").write_text(yaml.safe_dump_all(noop_rbac))
-        plane.kubectl("apply", "-f", str(work / "noop-rbac.yaml"))
+        (work / "peer-rbac.yaml").write_text(yaml.safe_dump_all(peer_rbac))
+        plane.kubectl("apply", "-f", str(work / "peer-rbac.yaml"))
         kubeconfigs = {
-            "modelship": plane.token_kubeconfig(
-                OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, work / "modelship.kubeconfig"
-            ),
-            "noop": plane.token_kubeconfig(
-                OPERATOR_NAMESPACE, NOOP_SERVICE_ACCOUNT, work / "noop.kubeconfig"
-            ),
+            which: plane.token_kubeconfig(OPERATOR_NAMESPACE, account, work / f"{which}.kubeconfig")
+            for which, account in SERVICE_ACCOUNTS.items()
         }
         seaweed = demo.start_seaweed(
             work / "s3", bucket="models", access_key=S3_KEY, secret_key=S3_SECRET
@@ -502,6 +543,7 @@ def main() -> int:
         }
         if args.resync_seconds:
             env["MODELSHIP_RESYNC_SECONDS"] = args.resync_seconds
+        render_children_template(work, env, "s3://models/tiny")
         if args.unrelated:
             create_unrelated(plane, args.unrelated)
         rounds = [
@@ -523,10 +565,15 @@ def main() -> int:
         plane.stop()
     by = {(r["operator"], r["size"]): r for r in results}
     for size in sorted({r["size"] for r in results}):
-        ms, noop = by.get(("modelship", size)), by.get(("noop", size))
-        if ms and noop and noop["rate_per_second"]:
-            ratio = ms["rate_per_second"] / noop["rate_per_second"]
-            print(f"{size}: modelship/no-op rate ratio {ratio:.2f}")
+        for first, second in (
+            ("modelship", "noop"),
+            ("modelship", "children"),
+            ("children", "noop"),
+        ):
+            one, other = by.get((first, size)), by.get((second, size))
+            if one and other and other["rate_per_second"]:
+                ratio = one["rate_per_second"] / other["rate_per_second"]
+                print(f"{size}: {first}/{second} rate ratio {ratio:.2f}")
     print(f"logs: {work}")
     return 0 if all(r["reconciled"] == r["size"] for r in results) else 1
 
