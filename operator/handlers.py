@@ -157,10 +157,12 @@ class State:
     pods: Store = field(default_factory=Store)
     # KV-cache tokens vLLM allocated, read from Prometheus at each resync (kvfeedback.py).
     measured_kv: dict[Key, int] = field(default_factory=dict)
-    applied_pools: dict[str, str] = field(default_factory=dict)
+    applied_pools: dict[str, dict[str, str]] = field(default_factory=dict)  # pool -> kind -> JSON
     # Pool applies in flight and the latest combination wanted of each (see sync_pools).
     pool_busy: set[str] = field(default_factory=set)
-    pool_wanted: dict[str, tuple[list[dict[str, Any]], str, bool]] = field(default_factory=dict)
+    pool_wanted: dict[str, tuple[list[dict[str, Any]], dict[str, str], bool]] = field(
+        default_factory=dict
+    )
     pool_guard: threading.Lock = field(default_factory=threading.Lock)
     # The status this process last wrote, with the resourceVersion the write returned. The
     # watched object lags behind our own writes; comparing with it made every child event in
@@ -463,8 +465,8 @@ def sync_pools(
             placement, high = mine[pool]
             shares.append(_share(context, state, placement_key(placement), high))
         merged = merge_node_pool_objects(shares)
-        fingerprint = json.dumps(merged, sort_keys=True)
-        if not force and state.applied_pools.get(pool) == fingerprint:
+        prints = {str(obj["kind"]): json.dumps(obj, sort_keys=True) for obj in merged}
+        if not force and state.applied_pools.get(pool) == prints:
             continue
         # A shared pool changes with every new user (its limits add up). Applies of one pool
         # are coalesced: while a thread applies it, others leave their newer combination and
@@ -473,7 +475,7 @@ def sync_pools(
         # of the 32 workers parked there).
         with state.pool_guard:
             earlier = state.pool_wanted.get(pool)  # a forced restore is not dropped
-            state.pool_wanted[pool] = (merged, fingerprint, force or bool(earlier and earlier[2]))
+            state.pool_wanted[pool] = (merged, prints, force or bool(earlier and earlier[2]))
             if pool in state.pool_busy:
                 continue
             state.pool_busy.add(pool)
@@ -485,8 +487,17 @@ def sync_pools(
                         state.pool_busy.discard(pool)
                         break
                 objects, printed, forced = wanted
-                if forced or state.applied_pools.get(pool) != printed:
-                    sync_pool(context.kube, pool, objects)
+                applied = state.applied_pools.get(pool)
+                if forced or applied != printed:
+                    # Only what changed: a new user moves the NodePool's limits, never its
+                    # EC2NodeClass (1000 new users sent it 490 times over, unchanged).
+                    changed = [
+                        obj
+                        for obj in objects
+                        if forced or (applied or {}).get(obj["kind"]) != printed[obj["kind"]]
+                    ]
+                    if changed or not objects:  # no objects: nobody wants the pool, delete it
+                        sync_pool(context.kube, pool, changed)
                     state.applied_pools[pool] = printed
         except BaseException:
             with state.pool_guard:

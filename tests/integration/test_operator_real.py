@@ -8,6 +8,8 @@ from the operator's NodePool, and the test writes pod status as a kubelet would.
 
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import signal
 import time
@@ -500,19 +502,30 @@ def test_shared_pool_is_an_aggregate_and_comes_back(
     spec = tiny(
         tiny_model, accelerator={"instanceTypes": ["g6.xlarge"]}, replicas={"min": 1, "max": 2}
     )
+    started = datetime.datetime.now(datetime.UTC)
     create_md(kube, ns_one, "one", spec)
-    create_md(kube, ns_two, "two", spec)
-    md = md_where(kube, ns_two, "two", lambda md: bool((md.get("status") or {}).get("plan")))
-    md_where(kube, ns_one, "one", lambda md: bool((md.get("status") or {}).get("plan")))
+    md = md_where(kube, ns_one, "one", lambda md: bool((md.get("status") or {}).get("plan")))
     pool = md["status"]["plan"]["nodePool"]
 
     def limit() -> str | None:
         live = kube.get(NODE_POOL, None, pool) or {}
         return ((live.get("spec") or {}).get("limits") or {}).get("nvidia.com/gpu")
 
-    both = wait_for(
-        "both users' limits", lambda: limit() == "6" and limit()
-    )  # (2 max + 1 surge) x 2
+    wait_for("the first user's limits", lambda: limit() == "3")  # 2 max + 1 surge
+    create_md(kube, ns_two, "two", spec)
+    both = wait_for("both users' limits", lambda: limit() == "6" and limit())
+    # A new user moves the NodePool's limits, never the EC2NodeClass: sent once, not per user.
+    assert installed.audit_log is not None
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
+    patches = collections.Counter(
+        event["objectRef"]["resource"]
+        for event in audit_events(installed.audit_log, user)
+        if event["stage"] == "ResponseComplete"
+        and event["verb"] == "patch"
+        and event["objectRef"].get("name") == pool
+        and datetime.datetime.fromisoformat(event["requestReceivedTimestamp"]) >= started
+    )
+    assert patches["ec2nodeclasses"] == 1 < patches["nodepools"], patches
     assert not any(
         k.startswith("users.modelship.dev")
         for k in (kube.get(NODE_POOL, None, pool) or {})["metadata"].get("annotations", {})

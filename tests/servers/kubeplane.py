@@ -534,7 +534,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     policy = audit_policy(
         folder / "audit-policy.yaml",
         [f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"],
-        verbs=["list", "watch"],  # their URLs show what the operator asks the server for
+        # Reads: their URLs show what the operator asks the server for. Patches: what it sends.
+        verbs=["list", "watch", "patch"],
     )
     plane = start_control_plane(folder, assets, policy, folder / "audit.log")
     try:
