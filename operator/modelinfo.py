@@ -9,10 +9,13 @@ file or field and the fix, never a guess.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
 import re
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -863,6 +866,9 @@ class ModelPackage(Protocol):
     """The files of one model package, wherever they live."""
 
     uri: str
+    # Set by list_files where the store names each object's content (S3's ETags): two packages
+    # with the same `version` hold the same bytes, so what was read of one holds for the other.
+    version: str | None
 
     def list_files(self) -> dict[str, int]:
         """Every file, as path relative to the package root -> size in bytes."""
@@ -883,6 +889,7 @@ class LocalPackage:
     def __init__(self, root: Path, uri: str | None = None) -> None:
         self.root = root
         self.uri = uri or f"file://{root}"
+        self.version: str | None = None  # a file can change in place without its size
 
     def list_files(self) -> dict[str, int]:
         if not self.root.is_dir():
@@ -931,6 +938,7 @@ class S3Package:
         self.source = source
         self.client = client
         self.uri = source.uri
+        self.version: str | None = None
         self._sizes: dict[str, int] = {}
 
     def _fail(self, action: str, error: Exception) -> ModelInfoError:
@@ -990,6 +998,7 @@ class S3Package:
         from botocore.exceptions import BotoCoreError, ClientError
 
         files: dict[str, int] = {}
+        listed: list[tuple[str, int, str]] = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.source.bucket, Prefix=self.source.prefix
@@ -999,9 +1008,16 @@ class S3Package:
                     key = item["Key"]
                     if not key.endswith("/"):  # folder markers
                         files[key[len(self.source.prefix) :]] = item["Size"]
+                        listed.append((key, item["Size"], str(item.get("ETag", ""))))
         except (BotoCoreError, ClientError) as error:
             raise self._fail(f"list {self.uri}", error) from None
         self._sizes = files
+        # An object rewritten in place gets a new ETag; one without an ETag is never cached.
+        if all(etag for _, _, etag in listed):
+            endpoint = str(getattr(self.client.meta, "endpoint_url", ""))
+            self.version = hashlib.sha256(
+                json.dumps([endpoint, sorted(listed)]).encode()
+            ).hexdigest()
         return files
 
     def read_bytes(self, path: str) -> bytes:
@@ -1090,6 +1106,55 @@ def _read_weights(
     return summarize_weights(headers, quantization_bits=bits)
 
 
+class _ReadCache:
+    """What was read of the packages last inspected (config.json, the weights summary), by
+    package version: a thousand ModelDeployments of one model made at once read its headers once,
+    and each later inspection costs the listing alone (for a 70B model of 30 shards, one request
+    instead of 62). Bounded, least recently used out first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: collections.OrderedDict[str, tuple[dict[str, Any], WeightsSummary | None]]
+        self._items = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version: str) -> tuple[dict[str, Any], WeightsSummary | None] | None:
+        with self._lock:
+            found = self._items.get(version)
+            if found is not None:
+                self._items.move_to_end(version)
+            return found
+
+    def put(self, version: str, read: tuple[dict[str, Any], WeightsSummary | None]) -> None:
+        with self._lock:
+            self._items[version] = read
+            self._items.move_to_end(version)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_READ = _ReadCache(64)
+
+
+def _read_package(
+    package: ModelPackage, files: Mapping[str, int]
+) -> tuple[dict[str, Any], WeightsSummary | None]:
+    """config.json and the weights summary, from the package or from an earlier read of the
+    same version."""
+    version = package.version
+    read = _READ.get(version) if version else None
+    if read is None:
+        config = _read_json(package, CONFIG_FILE) if CONFIG_FILE in files else {}
+        shards = _weight_shards(package, files)
+        weights = None
+        if shards:
+            weights = _read_weights(package, files, shards, quantization_from_config(config).bits)
+        read = (config, weights)
+        if version:
+            _READ.put(version, read)
+    return read
+
+
 def inspect_package(
     package: ModelPackage,
     *,
@@ -1101,12 +1166,7 @@ def inspect_package(
         files = package.list_files()
         if not files:
             raise ModelInfoError("holds no files; check spec.model.uri.")
-        config = _read_json(package, CONFIG_FILE) if CONFIG_FILE in files else {}
-        shards = _weight_shards(package, files)
-        weights = None
-        if shards:
-            bits = quantization_from_config(config).bits
-            weights = _read_weights(package, files, shards, bits)
+        config, weights = _read_package(package, files)
         return model_info_from_config(
             config, weights=weights, overrides=overrides, parameters=parameters, files=list(files)
         )

@@ -119,6 +119,36 @@ def test_s3_inspection_matches_local_and_reads_only_headers(
     print(f"read {total_read} bytes over S3 for a {shard_bytes}-byte checkpoint")
 
 
+def test_an_unchanged_package_is_read_once_and_a_rewritten_one_again(
+    s3_server: S3Server, uploaded: Path
+) -> None:
+    """A thousand ModelDeployments of one model read its headers once; a file rewritten in
+    place (a new ETag, whatever its size) is read again."""
+    client = s3_server.client()
+    prefix = "inspect/cached"
+    for path in sorted(uploaded.iterdir()):
+        client.upload_file(str(path), s3_server.bucket, f"{prefix}/{path.name}")
+    log = GetObjectLog()
+    client.meta.events.register("after-call.s3.GetObject", log)
+    source = parse_source(f"s3://{s3_server.bucket}/{prefix}")
+
+    first = inspect_model(source, client=client)
+    read_first = len(log.responses)
+    assert read_first >= 3  # config.json and a header probe per shard
+    assert inspect_model(source, client=client) == first
+    assert len(log.responses) == read_first  # the listing alone
+
+    # The same length, another value: only the ETag tells.
+    config = json.loads((uploaded / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    text = json.dumps({**config, "num_hidden_layers": 3})
+    assert len(text) == len((uploaded / "config.json").read_text())
+    client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/config.json", Body=text.encode())
+    changed = inspect_model(source, client=client)
+    assert len(log.responses) == 2 * read_first
+    assert changed.num_layers == 3 and first.num_layers == 2
+
+
 def test_s3_endpoint_from_environment(
     s3_env: S3Server, uploaded: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
