@@ -442,6 +442,13 @@ def run_round(
                 lambda: kube.get(NAMESPACE, None, namespace) is None,
                 timeout_seconds=600,
             )
+            if which == "children":
+                # Its node pool outlives the namespace; left behind, modelship's round would find
+                # a pool another field manager wrote, and restore it on every event.
+                plane.kubectl(
+                    "delete", "nodepools.karpenter.sh,ec2nodeclasses.karpenter.k8s.aws",
+                    "-l", "app.kubernetes.io/managed-by=modelship",
+                )  # fmt: skip
     finally:
         operator.stop()
     return result
