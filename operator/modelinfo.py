@@ -9,13 +9,11 @@ file or field and the fix, never a guess.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
 import re
 import struct
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .api import Architecture
+from .lru import Lru
 from .packagerules import TOKENIZER_RULE, find_tokenizer
 from .plan import (
     STATE_KINDS,
@@ -1106,34 +1105,11 @@ def _read_weights(
     return summarize_weights(headers, quantization_bits=bits)
 
 
-class _ReadCache:
-    """What was read of the packages last inspected (config.json, the weights summary), by
-    package version: a thousand ModelDeployments of one model made at once read its headers once,
-    and each later inspection costs the listing alone (for a 70B model of 30 shards, one request
-    instead of 62). Bounded, least recently used out first."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: collections.OrderedDict[str, tuple[dict[str, Any], WeightsSummary | None]]
-        self._items = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, version: str) -> tuple[dict[str, Any], WeightsSummary | None] | None:
-        with self._lock:
-            found = self._items.get(version)
-            if found is not None:
-                self._items.move_to_end(version)
-            return found
-
-    def put(self, version: str, read: tuple[dict[str, Any], WeightsSummary | None]) -> None:
-        with self._lock:
-            self._items[version] = read
-            self._items.move_to_end(version)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
-_READ = _ReadCache(64)
+# What was read of the packages last inspected (config.json, the weights summary), by package
+# version: a thousand ModelDeployments of one model made at once read its headers once, and each
+# later inspection costs the listing alone (for a 70B model of 30 shards, one request instead of
+# 62).
+_READ: Lru[str, tuple[dict[str, Any], WeightsSummary | None]] = Lru(64)
 
 
 def _read_package(
