@@ -74,11 +74,12 @@ from .config import ConfigError, OperatorConfig, check_operator_config, load_con
 from .informer import Informer, Store
 from .kvfeedback import PrometheusError, measured_kv_tokens
 from .leader import LeaderElector, LeaseSettings
+from .lru import Lru
 from .modelinfo import ModelInfoError, inspect_model, s3_client
 from .nodegroups import NodeGroups
 from .nodepool import karpenter_objects, merge_node_pool_objects, pool_name
 from .opmetrics import METRICS
-from .plan import Placement
+from .plan import Placement, Plan
 from .policy import refuse_disallowed_source
 from .render import (
     GENERATION_ANNOTATION,
@@ -879,6 +880,9 @@ def s3_client_for(endpoint_url: str | None) -> Any:
         return client
 
 
+_PLANS: Lru[tuple[int, str, str, bool], Plan] = Lru(256)
+
+
 def plan(context: Context, body: Mapping[str, Any]) -> tuple[ModelDeploymentSpec, Placement]:
     """Parse the spec, inspect the model and plan; Rejected when it cannot be served (now)."""
     try:
@@ -897,7 +901,12 @@ def plan(context: Context, body: Mapping[str, Any]) -> tuple[ModelDeploymentSpec
             ),
         )
         compile_step = compilejob.compile_step_problem(context.config) is None
-        result = make_plan(info, spec, context.catalog, compile_step=compile_step)
+        # Sizing is pure and takes ~5 ms over the catalog: the same model and spec plan once.
+        key = (id(context.catalog), info.model_dump_json(), spec.model_dump_json(), compile_step)
+        result = _PLANS.get(key)
+        if result is None:
+            result = make_plan(info, spec, context.catalog, compile_step=compile_step)
+            _PLANS.put(key, result)
         if result.chosen is None:
             raise Rejected(Failure("NoPlacement", "nothing fits: " + "; ".join(result.suggestions)))
         return spec, result.chosen
