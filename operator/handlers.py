@@ -105,6 +105,7 @@ MAX_WORKERS = 16
 RECONCILE_WORKERS = 16
 RESTORE_WORKERS = 2
 RENDERS_CACHED = 64
+FACTS_CACHED = 4096  # ~1 KiB each
 # Watch events ask for status refreshes through a queue (workqueue.py): each key waits this long,
 # folding the burst of events a new or changing ModelDeployment brings into one refresh.
 REFRESH_DELAY_SECONDS = 1.0
@@ -173,8 +174,8 @@ class State:
     # ModelDeployments whose status a refresh could not recompute (lock held): see refresh.
     dirty: set[Key] = field(default_factory=set)
     shares: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
-    rendered: dict[tuple[str, str], Rendered] = field(default_factory=dict)
-    facts: dict[tuple[str, str], RenderFacts] = field(default_factory=dict)
+    rendered: Lru[tuple[str, str], Rendered] = field(default_factory=lambda: Lru(RENDERS_CACHED))
+    facts: Lru[tuple[str, str], RenderFacts] = field(default_factory=lambda: Lru(FACTS_CACHED))
     # Transient failures in a row of the generation being retried: (generation, count).
     retries: dict[Key, tuple[int, int]] = field(default_factory=dict)
     # Reconciles asked for by the change handlers; refreshes asked for by watch events; and
@@ -295,9 +296,7 @@ def rendered_for(
     cached = state.rendered.get(cache_key)
     if cached is None:
         cached = render(md_ref(body, last.spec, last.generation), last.placement, context.config)
-        if len(state.rendered) >= RENDERS_CACHED:
-            state.rendered.clear()
-        state.rendered[cache_key] = cached
+        state.rendered.put(cache_key, cached)
     return cached
 
 
@@ -333,9 +332,7 @@ def render_facts(
                 object_key(c): (c.get("spec") or {}).get("replicas") for c in rendered.children
             },
         )
-        if len(state.facts) > 4096:  # bound the cache; entries are cheap to recompute
-            state.facts.clear()
-        state.facts[cache_key] = cached
+        state.facts.put(cache_key, cached)
     return cached
 
 

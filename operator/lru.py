@@ -1,5 +1,5 @@
 """A small thread-safe least-recently-used map, for what the operator computes once and reuses
-across ModelDeployments (what was read of a model package, the plans of a model and spec)."""
+(what was read of a model package, the plans of a model and spec, renders and their facts)."""
 
 from __future__ import annotations
 
