@@ -3,7 +3,8 @@ floor for an operator that does modelship's job, which bench/reconcile_bench.py 
 the no-op one (bench/noop_operator.py) and modelship.
 
 The benchmark renders one ModelDeployment of the round's model with `modelship render` and
-gives this operator the documents (BENCH_CHILDREN_TEMPLATE, a JSON list). For each
+gives this operator the documents (BENCH_CHILDREN_TEMPLATE: a JSON object of the documents
+and the placeholders they were rendered with for the name, namespace and uid). For each
 ModelDeployment labelled `bench.modelship.dev/operator: children` it creates those children
 (Deployment, Service, PodMonitor) with the ModelDeployment's name, namespace and uid, the node
 pool once, then writes `status.benchNoop`. It is tuned as a kopf user would tune it: the
@@ -25,28 +26,24 @@ import kopf
 import kubernetes
 
 LABEL = "bench.modelship.dev/operator"
-# What the benchmark rendered the template with, replaced by each object's own.
-NAME, NAMESPACE, UID = (
-    "zzbenchtemplatezz",
-    "zzbenchnamespacezz",
-    "11111111-2222-3333-4444-555555555555",
-)
 WORKERS = 16
 PLURALS = {"PodMonitor": "podmonitors", "NodePool": "nodepools", "EC2NodeClass": "ec2nodeclasses"}
 _pools_created = threading.Event()
 _pools_lock = threading.Lock()
 
 
-def template() -> tuple[str, list[dict[str, Any]]]:
-    """(the namespaced children as JSON text with placeholders, the cluster-scoped pool)."""
+def template() -> tuple[str, list[dict[str, Any]], dict[str, str]]:
+    """(the namespaced children as JSON text, the cluster-scoped pool, the placeholders the
+    benchmark rendered them with: name, namespace and uid)."""
     with open(os.environ["BENCH_CHILDREN_TEMPLATE"]) as source:
-        documents = json.load(source)
+        given = json.load(source)
+    documents = given["documents"]
     children = [d for d in documents if d["kind"] in ("Deployment", "Service", "PodMonitor")]
     pools = [d for d in documents if d["kind"] in ("NodePool", "EC2NodeClass")]
-    return json.dumps(children), pools
+    return json.dumps(children), pools, given["placeholders"]
 
 
-TEMPLATE: tuple[str, list[dict[str, Any]]] | None = None
+TEMPLATE: tuple[str, list[dict[str, Any]], dict[str, str]] | None = None
 
 
 @kopf.on.startup()
@@ -105,9 +102,15 @@ def create_pools(pools: list[dict[str, Any]]) -> None:
 def reconcile(name: str, namespace: str, uid: str, patch: kopf.Patch, **_: Any) -> None:
     """Create the children, then mark the object reconciled."""
     assert TEMPLATE is not None
-    children, pools = TEMPLATE
+    children, pools, placeholders = TEMPLATE
     create_pools(pools)
-    text = children.replace(NAME, name).replace(NAMESPACE, namespace).replace(UID, uid)
+    text = children
+    for placeholder, value in (
+        (placeholders["name"], name),
+        (placeholders["namespace"], namespace),
+        (placeholders["uid"], uid),
+    ):
+        text = text.replace(placeholder, value)
     for document in json.loads(text):
         create(namespace, document)
     patch.status["benchNoop"] = "reconciled"

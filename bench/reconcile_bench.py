@@ -76,7 +76,7 @@ USERS = {
     which: f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}"
     for which, account in SERVICE_ACCOUNTS.items()
 }
-# The placeholders bench/children_operator.py replaces in the template it is given.
+# The placeholders of the template bench/children_operator.py is given (it reads them there).
 TEMPLATE_NAME, TEMPLATE_NAMESPACE = "zzbenchtemplatezz", "zzbenchnamespacezz"
 TEMPLATE_UID = "11111111-2222-3333-4444-555555555555"
 S3_KEY, S3_SECRET = "benchkey", "benchsecret"
@@ -212,7 +212,10 @@ def render_children_template(work: Path, env: dict[str, str], uri: str) -> None:
         check=True,
     )  # fmt: skip
     documents = [d for d in yaml.safe_load_all(rendered.stdout) if d]
-    (work / "children.json").write_text(json.dumps(documents))
+    placeholders = {"name": TEMPLATE_NAME, "namespace": TEMPLATE_NAMESPACE, "uid": TEMPLATE_UID}
+    (work / "children.json").write_text(
+        json.dumps({"placeholders": placeholders, "documents": documents})
+    )
 
 
 def pct(values: list[float], p: float) -> float:
