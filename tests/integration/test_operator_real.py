@@ -35,7 +35,7 @@ from modelship.runtime.tinymodel import build_tiny_model
 
 from tests.servers.kubeplane import (
     OPERATOR_NAMESPACE,
-    OPERATOR_SERVICE_ACCOUNT,
+    OPERATOR_USER,
     POD,
     ControlPlane,
     Karpenter,
@@ -211,11 +211,10 @@ def test_the_operator_watches_only_its_own_objects(
     reach the operator."""
     log = installed.audit_log
     assert log is not None
-    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
 
     def watched() -> dict[str, list[str]]:
         uris: dict[str, list[str]] = {}
-        for event in audit_events(log, user):
+        for event in audit_events(log, OPERATOR_USER):
             if event["verb"] == "watch":
                 uris.setdefault(event["objectRef"]["resource"], []).append(event["requestURI"])
         return uris
@@ -516,10 +515,9 @@ def test_shared_pool_is_an_aggregate_and_comes_back(
     both = wait_for("both users' limits", lambda: limit() == "6" and limit())
     # A new user moves the NodePool's limits, never the EC2NodeClass: sent once, not per user.
     assert installed.audit_log is not None
-    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
     patches = collections.Counter(
         event["objectRef"]["resource"]
-        for event in audit_events(installed.audit_log, user)
+        for event in audit_events(installed.audit_log, OPERATOR_USER)
         if event["stage"] == "ResponseComplete"
         and event["verb"] == "patch"
         and event["objectRef"].get("name") == pool

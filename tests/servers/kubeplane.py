@@ -533,7 +533,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     folder = tmp_path_factory.mktemp("kubeplane")
     policy = audit_policy(
         folder / "audit-policy.yaml",
-        [f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"],
+        [OPERATOR_USER],
         # Reads: their URLs show what the operator asks the server for. Patches: what it sends.
         verbs=["list", "watch", "patch"],
     )
@@ -768,6 +768,7 @@ def b64(value: str) -> str:
 INSTALL_YAML = REPO / "manifests" / "install.yaml"
 OPERATOR_NAMESPACE = "modelship-system"
 OPERATOR_SERVICE_ACCOUNT = "modelship"  # the chart's fullname for release `modelship`
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
 
 
 @dataclass
